@@ -1,0 +1,28 @@
+/*
+ * merge: W += scale * B @ A, in place, rounding into W's dtype once per element.
+ *
+ *   W  (O, I) dtype wdtype, row stride ldw >= I elements, unit column stride
+ *   B  (O, R) dtype adtype, contiguous (row-major)
+ *   A  (R, I) dtype adtype, contiguous (row-major)
+ *   wdtype, adtype in {F32, BF16, F16}
+ *
+ * Each W[i,j] becomes round(W[i,j] + scale * sum_k B[i,k] * A[k,j]) with the sum and the add in fp32.
+ * rounding: RELORA_ROUND_NEAREST (ties to even), or RELORA_ROUND_STOCHASTIC (only meaningful for a
+ * bf16/fp16 W; the random bits for W[i,j] are Philox word (i*I + j) of stream (seed, 0), so the result
+ * does not depend on the thread count). For an fp32 W stochastic rounding is the same as nearest.
+ *
+ * Before anything is written, A and B are scanned: if either holds NaN or Inf the function returns
+ * RELORA_ERR_NONFINITE and W is untouched. No temporary the size of W is allocated.
+ * Aliasing: W must not overlap A or B. O, I >= 0 and R >= 1 (R = 0 is RELORA_ERR_ARG).
+ */
+#ifndef RELORA_MERGE_H
+#define RELORA_MERGE_H
+
+#include "common.h"
+
+relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
+                         const void *B, const void *A, relora_dtype adtype,
+                         int64_t O, int64_t I, int64_t R,
+                         float scale, relora_rounding rounding, uint64_t seed, int nthreads);
+
+#endif

@@ -1,0 +1,31 @@
+/*
+ * prune: zero all but a fraction of a tensor's entries, in place. Used on optimizer state.
+ *
+ *   x  (n,) flat, contiguous, dtype in {F32, BF16, F16}
+ *
+ * magnitude: keep exactly k = n - floor(ratio * n) entries, those with the largest |x|; among equal
+ *   magnitudes the lower flat index is kept, so the result is deterministic. NaN counts as larger than
+ *   any number (so a NaN is never silently zeroed); -0 and +0 are equal. O(n) time: a radix selection
+ *   on the bits of |x| (two histogram passes for fp32, one for 16-bit types), then one writing pass.
+ *   Extra memory is a few histograms, never a copy of x.
+ * random: keep each entry independently with probability 1 - ratio, using Philox word e of stream
+ *   (seed, offset) for entry e (entry kept when word < (1 - ratio) * 2^32).
+ *
+ * ratio in [0, 1]. On success *kept receives the number of entries left as they were
+ * (for magnitude mode exactly n - floor(ratio * n)).
+ */
+#ifndef RELORA_PRUNE_H
+#define RELORA_PRUNE_H
+
+#include "common.h"
+
+/* k = n - floor(ratio * n), computed once here so that every caller agrees. */
+int64_t prune_keep_count(int64_t n, double ratio);
+
+relora_status prune_magnitude(void *x, relora_dtype dtype, int64_t n, double ratio,
+                              int64_t *kept, int nthreads);
+
+relora_status prune_random(void *x, relora_dtype dtype, int64_t n, double ratio,
+                           uint64_t seed, uint64_t offset, int64_t *kept, int nthreads);
+
+#endif
