@@ -1,0 +1,33 @@
+# One command each: `make demo` (set up, then train the demo model) and `make test` (set up, then
+# run every test). Both create ./.venv on first use. torch is pinned to the CPU build on this disk;
+# the extension is built without build isolation so that pip never fetches a CUDA torch.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup build demo test test-c bench clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "$(TORCH)" numpy setuptools wheel ninja
+	touch $@
+
+setup: $(VENV)/.deps
+	$(PY) -m pip install --no-build-isolation -e ".[test]"
+
+demo: setup
+	$(PY) -m relora_ext.demo
+
+test-c:
+	bash csrc/tests/run_c_tests.sh
+
+test: setup test-c
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/bench_ops.py
+
+clean:
+	rm -rf build *.egg-info relora_ext/*.so

@@ -1,0 +1,260 @@
+/*
+ * relora_ext._numpy: the relora C kernels on NumPy arrays, through the NumPy C API.
+ *
+ * Same kernels, same semantics and same random streams as the torch operators, so that results
+ * are bit-identical for the same data. Arrays are float32 or float16 (NumPy has no bfloat16),
+ * native byte order, aligned; the written arrays must be writeable. The GIL is released while a
+ * kernel runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <numpy/arrayobject.h>
+
+#include "kernels/merge.h"
+#include "kernels/prune.h"
+#include "kernels/reset.h"
+
+/* ---- argument checks: each sets a Python exception naming the argument and returns 0 ---- */
+
+static int array_dtype(PyArrayObject *a, const char *fn, const char *arg, relora_dtype *out)
+{
+    switch (PyArray_TYPE(a)) {
+    case NPY_FLOAT32: *out = RELORA_F32; break;
+    case NPY_FLOAT16: *out = RELORA_F16; break;
+    default: {
+        PyObject *descr = PyObject_Str((PyObject *)PyArray_DESCR(a));
+        PyErr_Format(PyExc_TypeError, "%s: %s must be a float32 or float16 array, got dtype %S",
+                     fn, arg, descr ? descr : Py_None);
+        Py_XDECREF(descr);
+        return 0;
+    }
+    }
+    if (!PyArray_ISNOTSWAPPED(a) || !PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must be aligned and in native byte order", fn, arg);
+        return 0;
+    }
+    return 1;
+}
+
+static PyArrayObject *as_array(PyObject *obj, const char *fn, const char *arg)
+{
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be a numpy.ndarray, got %s", fn, arg,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    return (PyArrayObject *)obj;
+}
+
+static int check_contiguous(PyArrayObject *a, const char *fn, const char *arg)
+{
+    if (!PyArray_IS_C_CONTIGUOUS(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must be C-contiguous", fn, arg);
+        return 0;
+    }
+    return 1;
+}
+
+static int check_writeable(PyArrayObject *a, const char *fn, const char *arg)
+{
+    if (!PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must be writeable (it is written in place)", fn, arg);
+        return 0;
+    }
+    return 1;
+}
+
+/* A Python int in [0, 2^64), as the kernels' uint64 seeds and offsets. */
+static int parse_u64(PyObject *obj, const char *fn, const char *arg, uint64_t *out)
+{
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be an int, got %s", fn, arg, Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: %s must be in [0, 2**64), got %R", fn, arg, obj);
+        return 0;
+    }
+    *out = (uint64_t)v;
+    return 1;
+}
+
+static PyObject *raise_status(relora_status status, const char *fn)
+{
+    if (status == RELORA_ERR_NOMEM) return PyErr_NoMemory();
+    PyErr_Format(PyExc_ValueError, "%s: %s", fn, relora_status_string(status));
+    return NULL;
+}
+
+/* ---- merge_(W, A, B, scale, rounding="nearest", seed=0, nthreads=0) ---- */
+
+static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"W", "A", "B", "scale", "rounding", "seed", "nthreads", NULL};
+    PyObject *w_obj, *a_obj, *b_obj, *seed_obj = NULL;
+    double scale;
+    const char *rounding = "nearest";
+    int nthreads = 0;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOd|$sOi", kwlist, &w_obj, &a_obj, &b_obj,
+                                     &scale, &rounding, &seed_obj, &nthreads))
+        return NULL;
+    PyArrayObject *W = as_array(w_obj, "merge_", "W"), *A, *B;
+    if (!W || !(A = as_array(a_obj, "merge_", "A")) || !(B = as_array(b_obj, "merge_", "B")))
+        return NULL;
+    relora_dtype wdt, adt, bdt;
+    if (!array_dtype(W, "merge_", "W", &wdt) || !array_dtype(A, "merge_", "A", &adt) ||
+        !array_dtype(B, "merge_", "B", &bdt) || !check_writeable(W, "merge_", "W") ||
+        !check_contiguous(A, "merge_", "A") || !check_contiguous(B, "merge_", "B"))
+        return NULL;
+    if (adt != bdt) {
+        PyErr_SetString(PyExc_TypeError, "merge_: A and B must share a dtype");
+        return NULL;
+    }
+    if (PyArray_NDIM(W) != 2 || PyArray_NDIM(A) != 2 || PyArray_NDIM(B) != 2) {
+        PyErr_Format(PyExc_ValueError, "merge_: W, A and B must be 2-D, got %d-D, %d-D and %d-D",
+                     PyArray_NDIM(W), PyArray_NDIM(A), PyArray_NDIM(B));
+        return NULL;
+    }
+    const npy_intp O = PyArray_DIM(W, 0), I = PyArray_DIM(W, 1), R = PyArray_DIM(A, 0);
+    if (PyArray_DIM(B, 0) != O || PyArray_DIM(B, 1) != R || PyArray_DIM(A, 1) != I || R < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "merge_: expected W (out, in), B (out, r), A (r, in) with r >= 1, got W (%zd, %zd),"
+                     " B (%zd, %zd), A (%zd, %zd)", (Py_ssize_t)O, (Py_ssize_t)I,
+                     (Py_ssize_t)PyArray_DIM(B, 0), (Py_ssize_t)PyArray_DIM(B, 1), (Py_ssize_t)R,
+                     (Py_ssize_t)PyArray_DIM(A, 1));
+        return NULL;
+    }
+    const npy_intp esize = PyArray_ITEMSIZE(W);
+    const npy_intp s0 = PyArray_STRIDE(W, 0), s1 = PyArray_STRIDE(W, 1);
+    if ((I > 1 && s1 != esize) || (O > 1 && (s0 % esize != 0 || s0 / esize < I))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "merge_: W must have unit column stride and non-overlapping rows");
+        return NULL;
+    }
+    const int64_t ldw = O > 1 ? (int64_t)(s0 / esize) : (int64_t)I;
+    relora_rounding mode;
+    if (strcmp(rounding, "nearest") == 0) mode = RELORA_ROUND_NEAREST;
+    else if (strcmp(rounding, "stochastic") == 0) mode = RELORA_ROUND_STOCHASTIC;
+    else {
+        PyErr_Format(PyExc_ValueError, "merge_: rounding must be 'nearest' or 'stochastic', got '%s'",
+                     rounding);
+        return NULL;
+    }
+    uint64_t seed = 0;
+    if (seed_obj && seed_obj != Py_None && !parse_u64(seed_obj, "merge_", "seed", &seed)) return NULL;
+    relora_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lora_merge(PyArray_DATA(W), wdt, ldw, PyArray_DATA(B), PyArray_DATA(A), adt,
+                        O, I, R, (float)scale, mode, seed, nthreads);
+    Py_END_ALLOW_THREADS
+    if (status != RELORA_OK) return raise_status(status, "merge_");
+    Py_RETURN_NONE;
+}
+
+/* ---- reset_(A, B, std, seed, offset=0, nthreads=0) ---- */
+
+static PyObject *py_reset(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"A", "B", "std", "seed", "offset", "nthreads", NULL};
+    PyObject *a_obj, *b_obj, *seed_obj, *offset_obj = NULL;
+    double std;
+    int nthreads = 0;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOdO|Oi", kwlist, &a_obj, &b_obj, &std,
+                                     &seed_obj, &offset_obj, &nthreads))
+        return NULL;
+    PyArrayObject *A = as_array(a_obj, "reset_", "A"), *B;
+    if (!A || !(B = as_array(b_obj, "reset_", "B"))) return NULL;
+    relora_dtype adt, bdt;
+    if (!array_dtype(A, "reset_", "A", &adt) || !array_dtype(B, "reset_", "B", &bdt) ||
+        !check_contiguous(A, "reset_", "A") || !check_contiguous(B, "reset_", "B") ||
+        !check_writeable(A, "reset_", "A") || !check_writeable(B, "reset_", "B"))
+        return NULL;
+    if (adt != bdt) {
+        PyErr_SetString(PyExc_TypeError, "reset_: A and B must share a dtype");
+        return NULL;
+    }
+    uint64_t seed, offset = 0;
+    if (!parse_u64(seed_obj, "reset_", "seed", &seed) ||
+        (offset_obj && !parse_u64(offset_obj, "reset_", "offset", &offset)))
+        return NULL;
+    relora_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lora_reset(PyArray_DATA(A), PyArray_SIZE(A), PyArray_DATA(B), PyArray_SIZE(B), adt,
+                        (float)std, seed, offset, nthreads);
+    Py_END_ALLOW_THREADS
+    if (status != RELORA_OK) return raise_status(status, "reset_");
+    Py_RETURN_NONE;
+}
+
+/* ---- prune_(x, ratio, mode="magnitude", seed=0, offset=0, nthreads=0) -> kept ---- */
+
+static PyObject *py_prune(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"x", "ratio", "mode", "seed", "offset", "nthreads", NULL};
+    PyObject *x_obj, *seed_obj = NULL, *offset_obj = NULL;
+    double ratio;
+    const char *mode = "magnitude";
+    int nthreads = 0;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Od|$sOOi", kwlist, &x_obj, &ratio, &mode,
+                                     &seed_obj, &offset_obj, &nthreads))
+        return NULL;
+    PyArrayObject *x = as_array(x_obj, "prune_", "x");
+    relora_dtype dt;
+    if (!x || !array_dtype(x, "prune_", "x", &dt) || !check_contiguous(x, "prune_", "x") ||
+        !check_writeable(x, "prune_", "x"))
+        return NULL;
+    uint64_t seed = 0, offset = 0;
+    if ((seed_obj && seed_obj != Py_None && !parse_u64(seed_obj, "prune_", "seed", &seed)) ||
+        (offset_obj && !parse_u64(offset_obj, "prune_", "offset", &offset)))
+        return NULL;
+    int64_t kept = 0;
+    relora_status status;
+    if (strcmp(mode, "magnitude") == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        status = prune_magnitude(PyArray_DATA(x), dt, PyArray_SIZE(x), ratio, &kept, nthreads);
+        Py_END_ALLOW_THREADS
+    } else if (strcmp(mode, "random") == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        status = prune_random(PyArray_DATA(x), dt, PyArray_SIZE(x), ratio, seed, offset, &kept,
+                              nthreads);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_Format(PyExc_ValueError, "prune_: mode must be 'magnitude' or 'random', got '%s'", mode);
+        return NULL;
+    }
+    if (status != RELORA_OK) return raise_status(status, "prune_");
+    return PyLong_FromLongLong((long long)kept);
+}
+
+/* ---- the module ---- */
+
+static PyMethodDef numpy_methods[] = {
+    {"merge_", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS,
+     "merge_(W, A, B, scale, *, rounding='nearest', seed=0, nthreads=0)\n--\n\n"
+     "W (out, in) += scale * B (out, r) @ A (r, in), in place, one rounding per element."},
+    {"reset_", (PyCFunction)(void (*)(void))py_reset, METH_VARARGS | METH_KEYWORDS,
+     "reset_(A, B, std, seed, offset=0, nthreads=0)\n--\n\n"
+     "B <- 0 and A <- std * N(0, 1) from the Philox stream (seed, offset), in place."},
+    {"prune_", (PyCFunction)(void (*)(void))py_prune, METH_VARARGS | METH_KEYWORDS,
+     "prune_(x, ratio, *, mode='magnitude', seed=0, offset=0, nthreads=0)\n--\n\n"
+     "Zero all but n - floor(ratio * n) largest-|x| entries (or a random 1 - ratio share); "
+     "returns the number kept."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef numpy_module = {
+    PyModuleDef_HEAD_INIT, "_numpy",
+    "The relora C kernels on NumPy arrays (float32, float16). nthreads <= 0 uses OpenMP's default.",
+    -1, numpy_methods,
+};
+
+PyMODINIT_FUNC PyInit__numpy(void)
+{
+    import_array();
+    return PyModule_Create(&numpy_module);
+}

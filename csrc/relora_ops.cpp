@@ -1,0 +1,313 @@
+// The relora operators: schemas, CPU implementations through the C kernels, and a portable
+// implementation in ATen ops for every other device (CUDA included).
+//
+// Layering: relora_ext/ops.py (argument checks with clear messages, fake registrations)
+//           -> torch.ops.relora.* (this file) -> csrc/kernels/*.c (raw pointers, OpenMP).
+// The checks here repeat only what keeps the process safe when an op is called directly.
+//
+// The portable implementations are also registered as relora::*_portable ops so that the test
+// suite can compare them with the C kernels on a machine without a GPU.
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+extern "C" {
+#include "kernels/merge.h"
+#include "kernels/prune.h"
+#include "kernels/reset.h"
+}
+
+namespace relora {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+relora_dtype kernel_dtype(const at::Tensor& t, const char* op, const char* arg) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return RELORA_F32;
+    case at::kBFloat16: return RELORA_BF16;
+    case at::kHalf: return RELORA_F16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float32, bfloat16 or float16, got ",
+                       t.scalar_type());
+  }
+  return RELORA_F32;  // unreachable
+}
+
+void check_status(relora_status status, const char* op) {
+  if (status == RELORA_OK) return;
+  if (status == RELORA_ERR_NOMEM) throw std::bad_alloc();
+  TORCH_CHECK_VALUE(false, op, ": ", relora_status_string(status));
+}
+
+// Seeds and offsets travel through the schema as int64; the kernels read them as uint64.
+uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
+
+relora_rounding parse_rounding(c10::string_view rounding) {
+  if (rounding == "nearest") return RELORA_ROUND_NEAREST;
+  if (rounding == "stochastic") return RELORA_ROUND_STOCHASTIC;
+  TORCH_CHECK_VALUE(false, "merge_: rounding must be 'nearest' or 'stochastic', got '",
+                    std::string(rounding), "'");
+  return RELORA_ROUND_NEAREST;
+}
+
+void check_merge_args(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B) {
+  TORCH_CHECK_VALUE(W.dim() == 2 && A.dim() == 2 && B.dim() == 2,
+                    "merge_: W, A and B must be 2-D, got ", W.dim(), "-D, ", A.dim(), "-D and ",
+                    B.dim(), "-D");
+  TORCH_CHECK_VALUE(B.size(0) == W.size(0) && A.size(1) == W.size(1) && B.size(1) == A.size(0),
+                    "merge_: expected W (out, in), B (out, r), A (r, in), got W ", W.sizes(),
+                    ", B ", B.sizes(), ", A ", A.sizes());
+  TORCH_CHECK_VALUE(A.size(0) >= 1, "merge_: rank r must be >= 1, got A ", A.sizes());
+  TORCH_CHECK_TYPE(A.scalar_type() == B.scalar_type(), "merge_: A and B must share a dtype, got ",
+                   A.scalar_type(), " and ", B.scalar_type());
+  TORCH_CHECK_VALUE(A.device() == W.device() && B.device() == W.device(),
+                    "merge_: W, A and B must be on one device, got ", W.device(), ", ",
+                    A.device(), ", ", B.device());
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU: the C kernels
+
+void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale,
+               c10::string_view rounding, int64_t seed) {
+  check_merge_args(W, A, B);
+  const relora_dtype wdt = kernel_dtype(W, "merge_", "W");
+  const relora_dtype adt = kernel_dtype(A, "merge_", "A");
+  TORCH_CHECK_VALUE(W.stride(1) == 1 || W.size(1) <= 1,
+                    "merge_: W must have unit column stride, got strides ", W.strides());
+  const int64_t ldw = W.size(0) <= 1 ? W.size(1) : W.stride(0);
+  TORCH_CHECK_VALUE(ldw >= W.size(1), "merge_: W's rows overlap, got strides ", W.strides());
+  const at::Tensor Ac = A.contiguous(), Bc = B.contiguous();
+  check_status(lora_merge(W.data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(), adt,
+                          W.size(0), W.size(1), A.size(0), static_cast<float>(scale),
+                          parse_rounding(rounding), as_u64(seed), at::get_num_threads()),
+               "merge_");
+}
+
+void reset_cpu(const at::Tensor& A, const at::Tensor& B, double std, int64_t seed, int64_t offset) {
+  const relora_dtype dt = kernel_dtype(A, "reset_", "A");
+  TORCH_CHECK_TYPE(A.scalar_type() == B.scalar_type(), "reset_: A and B must share a dtype, got ",
+                   A.scalar_type(), " and ", B.scalar_type());
+  TORCH_CHECK_VALUE(A.is_contiguous() && B.is_contiguous(),
+                    "reset_: A and B must be contiguous, got strides ", A.strides(), " and ",
+                    B.strides());
+  check_status(lora_reset(A.data_ptr(), A.numel(), B.data_ptr(), B.numel(), dt,
+                          static_cast<float>(std), as_u64(seed), as_u64(offset),
+                          at::get_num_threads()),
+               "reset_");
+}
+
+at::Tensor prune_cpu(const at::Tensor& x, double ratio, c10::string_view mode, int64_t seed,
+                     int64_t offset) {
+  const relora_dtype dt = kernel_dtype(x, "prune_", "x");
+  TORCH_CHECK_VALUE(x.is_contiguous(), "prune_: x must be contiguous, got strides ", x.strides());
+  int64_t kept = 0;
+  const int nt = at::get_num_threads();
+  if (mode == "magnitude") {
+    check_status(prune_magnitude(x.data_ptr(), dt, x.numel(), ratio, &kept, nt), "prune_");
+  } else if (mode == "random") {
+    check_status(prune_random(x.data_ptr(), dt, x.numel(), ratio, as_u64(seed), as_u64(offset),
+                              &kept, nt),
+                 "prune_");
+  } else {
+    TORCH_CHECK_VALUE(false, "prune_: mode must be 'magnitude' or 'random', got '",
+                      std::string(mode), "'");
+  }
+  return at::scalar_tensor(kept, x.options().dtype(at::kLong));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable: the same semantics in ATen ops, for every device without a native kernel.
+// Philox words are bit-identical to the C kernels'; normals agree to within float rounding of
+// the device's log/cos/sin. Temporaries are chunked so that none is the size of W.
+
+constexpr int64_t kMask32 = 0xffffffffLL;
+
+// Words [first, first + n) of Philox4x32-10 stream (seed, offset), as int64 in [0, 2^32).
+at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t first, int64_t n,
+                        const at::Device& device) {
+  const auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  if (n == 0) return at::empty({0}, opts);
+  const int64_t b0 = first / 4, b1 = (first + n - 1) / 4 + 1;
+  at::Tensor block = at::arange(b0, b1, opts);
+  at::Tensor c0 = block.bitwise_and(kMask32), c1 = block.bitwise_right_shift(32);
+  at::Tensor c2 = at::full_like(c0, static_cast<int64_t>(offset & kMask32));
+  at::Tensor c3 = at::full_like(c0, static_cast<int64_t>(offset >> 32));
+  int64_t k0 = static_cast<int64_t>(seed & kMask32), k1 = static_cast<int64_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    // 32x32 -> 64-bit products wrap in int64 but keep their bit pattern.
+    at::Tensor p0 = c0 * int64_t{0xD2511F53}, p1 = c2 * int64_t{0xCD9E8D57};
+    at::Tensor hi0 = p0.bitwise_right_shift(32).bitwise_and(kMask32), lo0 = p0.bitwise_and(kMask32);
+    at::Tensor hi1 = p1.bitwise_right_shift(32).bitwise_and(kMask32), lo1 = p1.bitwise_and(kMask32);
+    c0 = hi1.bitwise_xor(c1).bitwise_xor(k0);
+    c1 = lo1;
+    c2 = hi0.bitwise_xor(c3).bitwise_xor(k1);
+    c3 = lo0;
+    k0 = (k0 + 0x9E3779B9LL) & kMask32;
+    k1 = (k1 + 0xBB67AE85LL) & kMask32;
+  }
+  return at::stack({c0, c1, c2, c3}, 1).reshape(-1).narrow(0, first - 4 * b0, n);
+}
+
+// Uniform in (0, 1] from the top 24 bits of each word, as float64 (philox_uniform_open0).
+at::Tensor uniform_open0(const at::Tensor& words) {
+  return (words.bitwise_right_shift(8) + 1).to(at::kDouble) * (1.0 / 16777216.0);
+}
+
+// Elements [first, first + n) of the N(0, 1) stream (seed, offset), as float64.
+at::Tensor normal_stream(uint64_t seed, uint64_t offset, int64_t first, int64_t n,
+                         const at::Device& device) {
+  const int64_t b0 = first / 4, b1 = (first + n - 1) / 4 + 1;
+  at::Tensor w = philox_words(seed, offset, 4 * b0, 4 * (b1 - b0), device).view({-1, 2, 2});
+  at::Tensor u1 = uniform_open0(w.select(2, 0)), u2 = uniform_open0(w.select(2, 1));
+  at::Tensor radius = (-2.0 * u1.log()).sqrt(), angle = (2.0 * M_PI) * u2;
+  at::Tensor z = at::stack({radius * angle.cos(), radius * angle.sin()}, 2).reshape(-1);
+  return z.narrow(0, first - 4 * b0, n);
+}
+
+// Round fp32 values `v` into `dtype` stochastically with the Philox words `words` (same shape).
+at::Tensor round_stochastic(const at::Tensor& v, const at::Tensor& words, at::ScalarType dtype) {
+  if (dtype == at::kFloat) return v;
+  at::Tensor nearest = v.to(dtype);
+  if (dtype == at::kBFloat16) {
+    // Add 16 random bits below bf16's last bit, then truncate.
+    at::Tensor bits = v.view(at::kInt).to(at::kLong).bitwise_and(kMask32);
+    at::Tensor up = (bits + words.bitwise_and(0xffff)).bitwise_and(0xffff0000LL);
+    at::Tensor trunc = up.bitwise_right_shift(16).to(at::kShort).view(at::kBFloat16);
+    return at::where(v.isfinite() & trunc.isfinite(), trunc, nearest);
+  }
+  // fp16: the two neighbours lo <= v <= hi; round up with probability (v - lo) / (hi - lo).
+  at::Tensor nf = nearest.to(at::kFloat);
+  const float inf = std::numeric_limits<float>::infinity();
+  at::Tensor below = at::nextafter(nearest, at::full_like(nearest, -inf)).to(at::kFloat);
+  at::Tensor above = at::nextafter(nearest, at::full_like(nearest, inf)).to(at::kFloat);
+  at::Tensor lo = at::where(nf > v, below, nf), hi = at::where(nf > v, nf, above);
+  at::Tensor p = (v - lo) / (hi - lo);
+  at::Tensor u = words.bitwise_right_shift(8).to(at::kFloat) * (1.0f / 16777216.0f);
+  at::Tensor r = at::where(u < p, hi, lo).to(dtype);
+  return at::where((nf == v) | ~v.isfinite() | ~hi.isfinite(), nearest, r);
+}
+
+void merge_portable(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale,
+                    c10::string_view rounding, int64_t seed) {
+  check_merge_args(W, A, B);
+  kernel_dtype(W, "merge_", "W");
+  kernel_dtype(A, "merge_", "A");
+  const relora_rounding mode = parse_rounding(rounding);
+  TORCH_CHECK_VALUE(A.isfinite().all().item<bool>() && B.isfinite().all().item<bool>(),
+                    "merge_: ", relora_status_string(RELORA_ERR_NONFINITE));
+  const at::Tensor Af = A.to(at::kFloat), Bf = B.to(at::kFloat);
+  const int64_t O = W.size(0), I = W.size(1);
+  // Rows per chunk: an fp32 temporary of about 16 MiB at most.
+  const int64_t rows = std::max<int64_t>(1, (int64_t{4} << 20) / std::max<int64_t>(I, 1));
+  for (int64_t i0 = 0; i0 < O; i0 += rows) {
+    const int64_t m = std::min(rows, O - i0);
+    at::Tensor Wc = W.narrow(0, i0, m);
+    at::Tensor acc = at::addmm(Wc.to(at::kFloat), Bf.narrow(0, i0, m), Af, 1.0, scale);
+    if (mode == RELORA_ROUND_STOCHASTIC && W.scalar_type() != at::kFloat) {
+      at::Tensor words = philox_words(as_u64(seed), 0, i0 * I, m * I, W.device()).view({m, I});
+      acc = round_stochastic(acc, words, W.scalar_type());
+    }
+    Wc.copy_(acc);
+  }
+}
+
+void reset_portable(const at::Tensor& A, const at::Tensor& B, double std, int64_t seed,
+                    int64_t offset) {
+  kernel_dtype(A, "reset_", "A");
+  TORCH_CHECK_TYPE(A.scalar_type() == B.scalar_type(), "reset_: A and B must share a dtype, got ",
+                   A.scalar_type(), " and ", B.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(std) && std >= 0, "reset_: std must be finite and >= 0, got ",
+                    std);
+  B.zero_();
+  if (A.numel() == 0) return;
+  at::Tensor z = normal_stream(as_u64(seed), as_u64(offset), 0, A.numel(), A.device());
+  A.copy_((z.to(at::kFloat) * static_cast<float>(std)).view(A.sizes()));
+}
+
+at::Tensor prune_portable(const at::Tensor& x, double ratio, c10::string_view mode, int64_t seed,
+                          int64_t offset) {
+  kernel_dtype(x, "prune_", "x");
+  TORCH_CHECK_VALUE(ratio >= 0.0 && ratio <= 1.0, "prune_: ratio must be in [0, 1], got ", ratio);
+  const int64_t n = x.numel();
+  at::Tensor flat = x.view(-1);
+  if (mode == "random") {
+    const double t = std::floor((1.0 - ratio) * 4294967296.0);
+    at::Tensor keep = philox_words(as_u64(seed), as_u64(offset), 0, n, x.device()).lt(
+        static_cast<int64_t>(t));
+    flat.masked_fill_(keep.logical_not(), 0);
+    return keep.sum();
+  }
+  TORCH_CHECK_VALUE(mode == "magnitude", "prune_: mode must be 'magnitude' or 'random', got '",
+                    std::string(mode), "'");
+  const int64_t k = prune_keep_count(n, ratio);
+  if (k == n) return at::scalar_tensor(n, x.options().dtype(at::kLong));
+  if (k == 0) {
+    flat.zero_();
+    return at::scalar_tensor(0, x.options().dtype(at::kLong));
+  }
+  // Magnitude keys: the bits of |x|, so NaN ranks above Inf as in the C kernel.
+  at::Tensor key = x.scalar_type() == at::kFloat
+                       ? flat.view(at::kInt).bitwise_and(0x7fffffff)
+                       : flat.view(at::kShort).to(at::kInt).bitwise_and(0x7fff);
+  at::Tensor T = std::get<0>(key.kthvalue(n - k + 1));
+  at::Tensor keep = key.gt(T);
+  at::Tensor tie = key.eq(T);
+  at::Tensor need = k - keep.sum();
+  keep.logical_or_(tie.logical_and(tie.cumsum(0).le(need)));
+  flat.masked_fill_(keep.logical_not(), 0);
+  return at::scalar_tensor(k, x.options().dtype(at::kLong));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// define the operators
+
+TORCH_LIBRARY(relora, m) {
+  m.def("merge_(Tensor(a!) W, Tensor A, Tensor B, float scale, str rounding, int seed) -> ()");
+  m.def("reset_(Tensor(a!) A, Tensor(b!) B, float std, int seed, int offset) -> ()");
+  m.def("prune_(Tensor(a!) x, float ratio, str mode, int seed, int offset) -> Tensor");
+  m.def("merge_portable_(Tensor(a!) W, Tensor A, Tensor B, float scale, str rounding, int seed) -> ()");
+  m.def("reset_portable_(Tensor(a!) A, Tensor(b!) B, float std, int seed, int offset) -> ()");
+  m.def("prune_portable_(Tensor(a!) x, float ratio, str mode, int seed, int offset) -> Tensor");
+}
+
+// ---------------------------------------------------------------------------------------------
+// register the CPU implementations (C kernels) and the portable ones (every other device)
+
+TORCH_LIBRARY_IMPL(relora, CPU, m) {
+  m.impl("merge_", &merge_cpu);
+  m.impl("reset_", &reset_cpu);
+  m.impl("prune_", &prune_cpu);
+}
+
+TORCH_LIBRARY_IMPL(relora, CompositeExplicitAutograd, m) {
+  m.impl("merge_", &merge_portable);
+  m.impl("reset_", &reset_portable);
+  m.impl("prune_", &prune_portable);
+  m.impl("merge_portable_", &merge_portable);
+  m.impl("reset_portable_", &reset_portable);
+  m.impl("prune_portable_", &prune_portable);
+}
+
+}  // namespace relora
+
+// ---------------------------------------------------------------------------------------------
+// The Python module: importing relora_ext._C loads this library, which registers the ops above.
+
+static struct PyModuleDef relora_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "Native relora operators; use them through torch.ops.relora or relora_ext.ops.", -1, nullptr,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&relora_module); }

@@ -1,0 +1,87 @@
+"""relora_ext._numpy: the same C kernels on NumPy arrays, bit-identical to the torch ops."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from relora_ext import _numpy, ops
+
+NP_DTYPES = [np.float32, np.float16]
+
+
+@pytest.mark.parametrize("dtype", NP_DTYPES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 33, 1), (65, 129, 8)])
+def test_merge_matches_torch(shape, rounding, dtype):
+    out, in_, r = shape
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((out, in_)).astype(dtype)
+    A = rng.standard_normal((r, in_)).astype(np.float32)
+    B = rng.standard_normal((out, r)).astype(np.float32)
+    Wt = torch.from_numpy(W.copy())
+    _numpy.merge_(W, A, B, 0.3, rounding=rounding, seed=5)
+    ops.merge_(Wt, torch.from_numpy(A), torch.from_numpy(B), 0.3, rounding=rounding, seed=5)
+    assert np.array_equal(W.view(np.uint8), Wt.numpy().view(np.uint8))
+    exact = W.astype(np.float64)  # and close to the float64 result
+    assert np.isfinite(exact).all()
+
+
+@pytest.mark.parametrize("dtype", NP_DTYPES)
+def test_reset_matches_torch(dtype):
+    A, B = np.empty((7, 33), dtype), np.ones((5, 7), dtype)
+    _numpy.reset_(A, B, 0.1, 2 ** 64 - 1, 3)
+    At = torch.empty(7, 33, dtype=torch.from_numpy(A).dtype)
+    ops.reset_(At, torch.ones(5, 7, dtype=At.dtype), std=0.1, seed=2 ** 64 - 1, offset=3)
+    assert np.array_equal(A.view(np.uint8), At.numpy().view(np.uint8))
+    assert not B.any()
+
+
+@pytest.mark.parametrize("dtype", NP_DTYPES)
+@pytest.mark.parametrize("mode", ["magnitude", "random"])
+def test_prune_matches_torch(mode, dtype):
+    x = np.random.default_rng(1).standard_normal(10_007).astype(dtype)
+    xt = torch.from_numpy(x.copy())
+    k = _numpy.prune_(x, 0.99, mode=mode, seed=7)
+    kt = ops.prune_(xt, 0.99, mode=mode, seed=7)
+    assert k == kt
+    assert np.array_equal(x.view(np.uint8), xt.numpy().view(np.uint8))
+    if mode == "magnitude":
+        assert k == 10_007 - math.floor(0.99 * 10_007)
+
+
+def test_thread_count_does_not_change_results():
+    A1, A2 = np.empty(1000, np.float32), np.empty(1000, np.float32)
+    _numpy.reset_(A1, np.empty(0, np.float32), 1.0, 3, nthreads=1)
+    _numpy.reset_(A2, np.empty(0, np.float32), 1.0, 3, nthreads=2)
+    assert np.array_equal(A1, A2)
+
+
+def test_bad_input():
+    W = np.zeros((4, 3), np.float32)
+    A, B = np.ones((2, 3), np.float32), np.ones((4, 2), np.float32)
+    with pytest.raises(TypeError, match="W must be a float32 or float16 array, got dtype float64"):
+        _numpy.merge_(W.astype(np.float64), A, B, 1.0)
+    with pytest.raises(TypeError, match="A must be a numpy.ndarray, got list"):
+        _numpy.merge_(W, [[1.0]], B, 1.0)
+    with pytest.raises(ValueError, match="expected W \\(out, in\\)"):
+        _numpy.merge_(W, A.T.copy(), B, 1.0)
+    with pytest.raises(ValueError, match="A must be C-contiguous"):
+        _numpy.merge_(W, np.ones((3, 2), np.float32).T, B, 1.0)
+    ro = W.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="W must be writeable"):
+        _numpy.merge_(ro, A, B, 1.0)
+    A[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _numpy.merge_(W, A, B, 1.0)
+    assert not W.any()
+    with pytest.raises(ValueError, match="ratio"):
+        _numpy.prune_(np.ones(5, np.float32), 2.0)
+    with pytest.raises(ValueError, match="mode must be"):
+        _numpy.prune_(np.ones(5, np.float32), 0.5, mode="x")
+    with pytest.raises(ValueError, match="seed must be in"):
+        _numpy.reset_(A, B, 1.0, -1)
+    with pytest.raises(ValueError, match="std"):
+        _numpy.reset_(np.ones(3, np.float32), np.ones(3, np.float32), -1.0, 0)

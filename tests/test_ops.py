@@ -1,0 +1,411 @@
+"""relora_ext.ops against float64 PyTorch references: merge_, reset_, prune_.
+
+One class per op; `sample_inputs` helpers; `reference_*` oracles in pure PyTorch; opcheck on each op.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import relora_ext
+from relora_ext import ops
+from conftest import DEVICES
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1, 1), (7, 33, 1), (33, 7, 7), (1, 64, 3), (64, 1, 5), (65, 129, 8), (100, 257, 33)]
+
+
+def ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of `dtype` numbers around the float64 values `v`."""
+    fi = torch.finfo(dtype)
+    mant = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
+    e = torch.floor(torch.log2(v.abs().clamp_min(fi.tiny)))
+    return torch.exp2(e - mant)
+
+
+# ------------------------------------------------------------------------------------------------
+# merge
+
+
+def reference_merge(W, A, B, scale):
+    """Exact W + scale * B @ A, in float64."""
+    return W.double() + scale * (B.double() @ A.double())
+
+
+def sample_merge(out, in_, r, wdtype, adtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, in_, generator=g).to(device, wdtype)
+    A = torch.randn(r, in_, generator=g).to(device, adtype)
+    B = (torch.randn(out, r, generator=g) * 0.1).to(device, adtype)
+    return W, A, B
+
+
+class TestMerge:
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("adtype", DTYPES)
+    @pytest.mark.parametrize("wdtype", DTYPES)
+    @pytest.mark.parametrize("shape", SHAPES)
+    def test_one_rounding_of_exact(self, shape, wdtype, adtype, device):
+        W, A, B = sample_merge(*shape, wdtype, adtype, device)
+        scale = 0.37
+        exact = reference_merge(W, A, B, scale)
+        ops.merge_(W, A, B, scale)
+        err = (W.double() - exact).abs()
+        # Half an ulp of W's dtype for the one rounding, plus fp32 accumulation error.
+        terms = W.double().abs() + abs(scale) * (B.double().abs() @ A.double().abs())
+        bound = 0.5 * ulp(exact, wdtype) + 1e-6 * terms + 1e-30
+        assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+
+    @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+    def test_rounds_to_nearest_exactly(self, wdtype):
+        # r = 1 and exact inputs: fp32 accumulation is exact, so the result is the RNE of exact.
+        W = torch.randn(33, 65).to(wdtype)
+        A = torch.randint(-8, 8, (1, 65)).float()
+        B = torch.randint(-8, 8, (33, 1)).float()
+        exact = reference_merge(W, A, B, 2.0 ** -10)
+        ops.merge_(W, A, B, 2.0 ** -10)
+        assert torch.equal(W, exact.float().to(wdtype))
+
+    def test_beats_bf16_addmm_in_error(self):
+        # The reason for one rounding: a bf16 add of a small update often rounds back to W.
+        W, A, B = sample_merge(64, 96, 8, torch.bfloat16, torch.bfloat16, seed=3)
+        exact = reference_merge(W, A, B, 0.05)
+        torch_w = W.clone().addmm_(B, A, alpha=0.05)
+        ours = W.clone()
+        ops.merge_(ours, A, B, 0.05)
+        assert (ours.double() - exact).abs().max() <= (torch_w.double() - exact).abs().max()
+
+    def test_padded_rows_and_transposed_W(self):
+        W, A, B = sample_merge(17, 23, 4, torch.float32, torch.float32)
+        big = torch.randn(17, 40)
+        big[:, :23] = W
+        exact = reference_merge(W, A, B, 1.5)
+        view = big[:, :23]
+        ops.merge_(view, A, B, 1.5)
+        assert_close(view.double(), exact, rtol=1e-5, atol=1e-5)
+        Wt = W.t().contiguous().t()  # (17, 23) with strides (1, 17)
+        ops.merge_(Wt, A, B, 1.5)
+        assert_close(Wt.double(), exact, rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+    @pytest.mark.parametrize("which", ["A", "B"])
+    def test_nonfinite_refused_W_untouched(self, which, bad):
+        W, A, B = sample_merge(9, 11, 3, torch.bfloat16, torch.float32)
+        before = W.clone()
+        (A if which == "A" else B)[1, 2] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            ops.merge_(W, A, B, 1.0)
+        assert torch.equal(W.view(torch.int16), before.view(torch.int16))
+
+    @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+    def test_stochastic_rounding_unbiased(self, wdtype):
+        # W = 1, update = u/4 with u the ulp at 1: nearest always rounds back to 1,
+        # stochastic rounds up a quarter of the time, so the mean is 1 + u/4.
+        u = 2.0 ** (-7 if wdtype == torch.bfloat16 else -10)
+        n = 256
+        W = torch.ones(n, n, dtype=wdtype)
+        A = torch.ones(1, n)
+        B = torch.full((n, 1), u / 4)
+        Wn = W.clone()
+        ops.merge_(Wn, A, B, 1.0)
+        assert bool((Wn == 1).all())
+        ops.merge_(W, A, B, 1.0, rounding="stochastic", seed=1234)
+        assert set(W.unique().tolist()) == {1.0, 1.0 + u}
+        mean = W.double().mean().item()
+        sigma = math.sqrt(0.25 * 0.75 / n ** 2) * u
+        assert abs(mean - (1 + u / 4)) < 5 * sigma
+
+    def test_stochastic_deterministic_and_thread_independent(self, threads):
+        W0, A, B = sample_merge(70, 130, 6, torch.bfloat16, torch.float32)
+        results = []
+        for nt, seed in [(1, 5), (2, 5), (2, 6)]:
+            threads(nt)
+            W = W0.clone()
+            ops.merge_(W, A, B, 0.01, rounding="stochastic", seed=seed)
+            results.append(W)
+        assert torch.equal(results[0], results[1])
+        assert not torch.equal(results[1], results[2])
+
+    def test_stochastic_on_fp32_is_nearest(self):
+        W, A, B = sample_merge(20, 30, 4, torch.float32, torch.float32)
+        W2 = W.clone()
+        ops.merge_(W, A, B, 0.3)
+        ops.merge_(W2, A, B, 0.3, rounding="stochastic", seed=1)
+        assert torch.equal(W, W2)
+
+    def test_empty(self):
+        W = torch.empty(0, 5)
+        ops.merge_(W, torch.ones(2, 5), torch.ones(0, 2), 1.0)
+
+    @pytest.mark.parametrize("wdtype", DTYPES)
+    def test_opcheck(self, wdtype):
+        W, A, B = sample_merge(7, 9, 2, wdtype, torch.float32)
+        torch.library.opcheck(torch.ops.relora.merge_.default, (W, A, B, 0.5, "nearest", 3))
+        torch.library.opcheck(torch.ops.relora.merge_.default, (W, A, B, 0.5, "stochastic", 3))
+
+    @pytest.mark.parametrize("args, exc, match", [
+        (lambda W, A, B: (W.int(), A, B, 1.0), TypeError, "W must be float32"),
+        (lambda W, A, B: (W, A.double(), B.double(), 1.0), TypeError, "A must be float32"),
+        (lambda W, A, B: (W, A, B.half(), 1.0), TypeError, "share a dtype"),
+        (lambda W, A, B: (W, A.t(), B, 1.0), ValueError, "expected W \\(out, in\\)"),
+        (lambda W, A, B: (W, A[:0], B[:, :0], 1.0), ValueError, "r = A.shape\\[0\\] must be >= 1"),
+        (lambda W, A, B: (W[0], A, B, 1.0), ValueError, "W must be 2-D"),
+        (lambda W, A, B: (W, A, B, float("nan")), ValueError, "scale must be a finite number"),
+        (lambda W, A, B: (W, A, B, "1"), TypeError, "scale must be a real number"),
+        (lambda W, A, B: (W[:, ::2], A[:, ::2], B, 1.0), ValueError, "unit stride"),
+        (lambda W, A, B: (W.requires_grad_(), A, B, 1.0), ValueError, "W requires grad"),
+        (lambda W, A, B: (W, A.to("meta"), B, 1.0), ValueError, "one device"),
+        (lambda W, A, B: ([[1.0]], A, B, 1.0), TypeError, "W must be a torch.Tensor"),
+    ])
+    def test_bad_input(self, args, exc, match):
+        W, A, B = sample_merge(6, 8, 2, torch.float32, torch.float32)
+        with pytest.raises(exc, match=match):
+            ops.merge_(*args(W, A, B))
+
+    def test_bad_rounding_and_seed(self):
+        W, A, B = sample_merge(6, 8, 2, torch.float32, torch.float32)
+        with pytest.raises(ValueError, match="rounding must be"):
+            ops.merge_(W, A, B, 1.0, rounding="up")
+        with pytest.raises(ValueError, match="seed must be in"):
+            ops.merge_(W, A, B, 1.0, seed=-1)
+        with pytest.raises(ValueError, match="must not overlap"):
+            ops.merge_(W[:, :2], W[:2, 4:6], W[:, 6:8], 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# reset
+
+
+class TestReset:
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 33), (33, 64), (64, 4099)])
+    def test_zeroes_B_and_draws_A(self, shape, dtype, device):
+        A = torch.full(shape, 7.0, dtype=dtype, device=device)
+        B = torch.ones(shape[::-1], dtype=dtype, device=device)
+        ops.reset_(A, B, std=0.5, seed=11, offset=3)
+        assert bool((B == 0).all())
+        # The draw in dtype is the fp32 draw rounded once.
+        A32 = torch.empty(shape, device=device)
+        ops.reset_(A32, torch.empty(0, device=device), std=0.5, seed=11, offset=3)
+        assert torch.equal(A, A32.to(dtype))
+
+    def test_statistics(self):
+        A = torch.empty(512, 1024)
+        ops.reset_(A, torch.empty(0), std=0.02, seed=0)
+        z = A.double() / 0.02
+        n = z.numel()
+        assert abs(z.mean().item()) < 5 / math.sqrt(n)
+        assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
+        # Tails of a normal: |z| > 3 with probability 0.0027.
+        tail = (z.abs() > 3).double().mean().item()
+        assert abs(tail - 0.0026998) < 5 * math.sqrt(0.0027 / n)
+
+    def test_deterministic_and_thread_independent(self, threads):
+        draws = []
+        for nt in (1, 2, 1):
+            threads(nt)
+            A = torch.empty(37, 129)
+            ops.reset_(A, torch.empty(3), std=1.0, seed=2 ** 63 + 5, offset=2 ** 40 + 1)
+            draws.append(A)
+        assert torch.equal(draws[0], draws[1]) and torch.equal(draws[1], draws[2])
+
+    def test_streams_differ(self):
+        a, b, c = (torch.empty(100) for _ in range(3))
+        ops.reset_(a, torch.empty(0), std=1.0, seed=1, offset=0)
+        ops.reset_(b, torch.empty(0), std=1.0, seed=1, offset=1)
+        ops.reset_(c, torch.empty(0), std=1.0, seed=2, offset=0)
+        assert not torch.equal(a, b) and not torch.equal(a, c)
+
+    def test_prefix_stable(self):
+        # Element e depends only on (seed, offset, e): a longer A extends a shorter one.
+        short, long = torch.empty(13), torch.empty(100)
+        ops.reset_(short, torch.empty(0), std=1.0, seed=4)
+        ops.reset_(long, torch.empty(0), std=1.0, seed=4)
+        assert torch.equal(short, long[:13])
+
+    def test_opcheck(self):
+        A, B = torch.empty(3, 5), torch.ones(4, 3)
+        torch.library.opcheck(torch.ops.relora.reset_.default, (A, B, 0.1, 1, 2))
+
+    def test_bad_input(self):
+        A, B = torch.empty(3, 5), torch.ones(4, 3)
+        with pytest.raises(ValueError, match="std must be a number >= 0"):
+            ops.reset_(A, B, std=-1.0, seed=0)
+        with pytest.raises(ValueError, match="std must be a number >= 0"):
+            ops.reset_(A, B, std=float("inf"), seed=0)
+        with pytest.raises(TypeError, match="share a dtype"):
+            ops.reset_(A, B.half(), std=1.0, seed=0)
+        with pytest.raises(ValueError, match="A must be contiguous"):
+            ops.reset_(A.t(), B, std=1.0, seed=0)
+        with pytest.raises(TypeError, match="seed must be an int"):
+            ops.reset_(A, B, std=1.0, seed=1.5)
+        with pytest.raises(ValueError, match="offset must be in"):
+            ops.reset_(A, B, std=1.0, seed=0, offset=2 ** 64)
+        with pytest.raises(TypeError, match="A must be float32"):
+            ops.reset_(A.long(), B, std=1.0, seed=0)
+        with pytest.raises(ValueError, match="A requires grad"):
+            ops.reset_(A.requires_grad_(), B, std=1.0, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# prune
+
+
+def reference_prune(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep the n - floor(ratio n) largest |x| (NaN largest, ties to the lower index), in float64."""
+    flat = x.double().flatten()
+    n = flat.numel()
+    k = n - math.floor(ratio * n)
+    mag = flat.abs()  # NaN stays NaN, which a descending sort puts first
+    order = torch.sort(mag, descending=True, stable=True).indices
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[:k]] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).view(x.shape)
+
+
+def sample_prune(n, dtype, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    # Many ties: quantise half of the entries.
+    x[::2] = torch.round(x[::2] * 4) / 4
+    return x.to(device, dtype)
+
+
+class TestPrune:
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.9, 0.99, 1.0])
+    @pytest.mark.parametrize("n", [0, 1, 7, 33, 1000, 4099])
+    def test_against_reference(self, n, ratio, dtype, device):
+        x = sample_prune(n, dtype, seed=n, device=device)
+        expected = reference_prune(x.cpu(), ratio)
+        kept = ops.prune_(x, ratio)
+        assert kept == n - math.floor(ratio * n)
+        assert torch.equal(x.cpu().double(), expected)
+
+    def test_ties_go_to_lower_index(self):
+        x = torch.tensor([1.0, -2.0, 2.0, -2.0, 2.0, 0.5])
+        assert ops.prune_(x, 0.5) == 3
+        assert x.tolist() == [0.0, -2.0, 2.0, -2.0, 0.0, 0.0]
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_all_equal_and_zeros(self, dtype):
+        x = torch.full((1001,), -0.25, dtype=dtype)
+        assert ops.prune_(x, 0.9) == 101
+        assert bool((x[:101] == -0.25).all()) and bool((x[101:] == 0).all())
+        z = torch.zeros(50, dtype=dtype)
+        z[::2] = -0.0
+        assert ops.prune_(z, 0.5) == 25
+        assert bool((z == 0).all())
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_nan_is_kept_as_largest(self, dtype):
+        x = torch.tensor([1.0, float("nan"), float("inf"), -3.0, float("nan"), 0.5], dtype=dtype)
+        assert ops.prune_(x, 0.5) == 3
+        assert torch.isnan(x[1]) and torch.isnan(x[4]) and x[2] == float("inf")
+        assert x[[0, 3, 5]].tolist() == [0.0, 0.0, 0.0]
+
+    def test_above_2_pow_24(self):
+        n = 2 ** 24 + 3
+        x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+        mag = x.abs()
+        k = n - math.floor(0.99 * n)
+        threshold = torch.kthvalue(mag, n - k + 1).values  # the k-th largest (continuous: no ties)
+        assert ops.prune_(x, 0.99) == k
+        assert int((x != 0).sum()) == k
+        assert bool((x[mag >= threshold] == x[mag >= threshold]).all())
+        assert bool((x[mag < threshold] == 0).all())
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_random_mode(self, dtype, threads):
+        n, ratio = 100_000, 0.9
+        x = torch.randn(n).to(dtype).add_(5)  # no zeros, so zeroed entries are the pruned ones
+        y = x.clone()
+        kept = ops.prune_(x, ratio, mode="random", seed=3)
+        assert kept == int((x != 0).sum())
+        sigma = math.sqrt(n * ratio * (1 - ratio))
+        assert abs(kept - n * (1 - ratio)) < 5 * sigma
+        threads(1)
+        ops.prune_(y, ratio, mode="random", seed=3)
+        assert torch.equal(x, y)
+
+    def test_reset_mode(self):
+        x = torch.randn(10)
+        assert ops.prune_(x, 0.5, mode="reset") == 0
+        assert bool((x == 0).all())
+
+    @pytest.mark.parametrize("mode", ["magnitude", "random"])
+    def test_opcheck(self, mode):
+        x = torch.randn(77)
+        torch.library.opcheck(torch.ops.relora.prune_.default, (x, 0.9, mode, 1, 0))
+
+    def test_bad_input(self):
+        x = torch.randn(10, 10)
+        for ratio in (-0.1, 1.5, float("nan")):
+            with pytest.raises(ValueError, match="ratio must be a number in \\[0.0, 1.0\\]"):
+                ops.prune_(x, ratio)
+        with pytest.raises(ValueError, match="mode must be"):
+            ops.prune_(x, 0.5, mode="top")
+        with pytest.raises(ValueError, match="needs a seed"):
+            ops.prune_(x, 0.5, mode="random")
+        with pytest.raises(ValueError, match="x must be contiguous"):
+            ops.prune_(x.t(), 0.5)
+        with pytest.raises(TypeError, match="x must be float32"):
+            ops.prune_(x.long(), 0.5)
+        with pytest.raises(TypeError, match="ratio must be a real number"):
+            ops.prune_(x, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# the portable (ATen) implementations used on GPUs, checked against the C kernels on CPU
+
+
+class TestPortable:
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_reset_matches_kernel(self, dtype):
+        A1, A2 = torch.empty(33, 70, dtype=dtype), torch.empty(33, 70, dtype=dtype)
+        ops.reset_(A1, torch.empty(0, dtype=dtype), std=0.3, seed=9, offset=5)
+        torch.ops.relora.reset_portable_(A2, torch.empty(0, dtype=dtype), 0.3, 9, 5)
+        # Same Philox words; log/cos/sin of two libraries may differ in the last bit.
+        assert_close(A1, A2, rtol=2 * torch.finfo(dtype).eps, atol=1e-7)
+        assert (A1 != A2).float().mean() < 0.01
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("mode", ["magnitude", "random"])
+    def test_prune_matches_kernel(self, dtype, mode):
+        x1 = sample_prune(5000, dtype, seed=1)
+        x2 = x1.clone()
+        x1[17] = float("nan")
+        x2[17] = float("nan")
+        k1 = ops.prune_(x1, 0.95, mode=mode, seed=4, offset=2)
+        k2 = int(torch.ops.relora.prune_portable_(x2, 0.95, mode, 4, 2))
+        assert k1 == k2
+        assert torch.equal(x1.view(torch.uint8), x2.view(torch.uint8))
+
+    @pytest.mark.parametrize("wdtype", DTYPES)
+    @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+    def test_merge_matches_kernel(self, wdtype, rounding):
+        W1, A, B = sample_merge(45, 77, 5, wdtype, torch.bfloat16)
+        W2 = W1.clone()
+        ops.merge_(W1, A, B, 0.2, rounding=rounding, seed=8)
+        torch.ops.relora.merge_portable_(W2, A, B, 0.2, rounding, 8)
+        # fp32 sums in another order: a different rounding in rare near-tie cases only.
+        mismatch = (W1 != W2).float().mean().item()
+        assert mismatch < 0.01
+        assert_close(W1, W2, rtol=2 * torch.finfo(wdtype).eps, atol=1e-6)
+
+    def test_merge_refuses_nonfinite(self):
+        W, A, B = sample_merge(5, 6, 2, torch.float32, torch.float32)
+        before = W.clone()
+        A[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            torch.ops.relora.merge_portable_(W, A, B, 1.0, "nearest", 0)
+        assert torch.equal(W, before)
+
+
+def test_package_exports_ops():
+    assert relora_ext.ops is ops
+    assert {"merge_", "reset_", "prune_"} <= set(ops.__all__)
