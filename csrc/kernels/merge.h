@@ -13,7 +13,14 @@
  *
  * Before anything is written, A and B are scanned: if either holds NaN or Inf the function returns
  * RELORA_ERR_NONFINITE and W is untouched. No temporary the size of W is allocated.
- * Aliasing: W must not overlap A or B. O, I >= 0 and R >= 1 (R = 0 is RELORA_ERR_ARG).
+ * Stochastic rounding, exactly: with x the fp32 value W[i,j] + scale * sum and w its Philox word,
+ *   bf16 W: bits(x) + (w & 0xFFFF), then keep the top 16 bits (round up with probability = the dropped
+ *           fraction); fp16 W: with lo <= |x| <= hi the neighbouring fp16 magnitudes, take hi iff
+ *           w < p * 2^32 where p = (|x| - lo) / (hi - lo); sign copied from x.
+ *   NaN stays NaN; a finite x never becomes Inf unless round-to-nearest would (then nearest is used).
+ * Aliasing: W must not overlap A or B (checked: RELORA_ERR_ARG). O, I >= 0 and R >= 1 (R = 0 is
+ * RELORA_ERR_ARG); ldw >= I; scale must be finite (else RELORA_ERR_ARG). Pointers may be NULL where the
+ * matching tensor is empty.
  */
 #ifndef RELORA_MERGE_H
 #define RELORA_MERGE_H

@@ -9,9 +9,11 @@
  *   on the bits of |x| (two histogram passes for fp32, one for 16-bit types), then one writing pass.
  *   Extra memory is a few histograms, never a copy of x.
  * random: keep each entry independently with probability 1 - ratio, using Philox word e of stream
- *   (seed, offset) for entry e (entry kept when word < (1 - ratio) * 2^32).
+ *   (seed, offset) for entry e: kept iff word < t, t = floor((1 - ratio) * 2^32) computed in double
+ *   (an integer in [0, 2^32]; ratio 0 keeps every entry, ratio 1 none). *kept = the number kept.
  *
- * ratio in [0, 1]. On success *kept receives the number of entries left as they were
+ * ratio in [0, 1] (NaN or outside: RELORA_ERR_ARG); x may be NULL when n is 0; kept may be NULL.
+ * Entries that are zeroed become +0. On success *kept receives the number of entries left as they were
  * (for magnitude mode exactly n - floor(ratio * n)).
  */
 #ifndef RELORA_PRUNE_H

@@ -1,0 +1,320 @@
+/*
+ * merge: W += scale * B @ A in place, one rounding per element of W. See merge.h.
+ *
+ * A GEMM in the style of GotoBLAS / BLIS, specialised to a short inner dimension (R, the LoRA rank, is
+ * never split):
+ *   - W is cut into tiles of MC rows x NC columns; tiles are spread over the threads (static schedule,
+ *     column block outer so that a thread re-uses its packed panel of A across consecutive tiles);
+ *   - per tile, the R x NC panel of A is packed (converted to fp32) into slivers of NR columns, and the
+ *     MC x R block of B into slivers of MR rows, k-major: the micro-kernel streams contiguous fp32;
+ *   - the micro-kernel keeps an MR x NR block of sums in vector registers over k = 0 .. R-1, then the
+ *     epilogue reads that block of W once, adds scale * sum in fp32, rounds into W's dtype and stores.
+ * W is read and written exactly once, so for small R the merge runs at memory speed; for large R the
+ * micro-kernel runs at (close to) FMA peak. Temporaries are the per-thread packs (a few hundred KB).
+ *
+ * Vector code uses GNU C vector extensions (gcc, clang), no intrinsics; sums use fused multiply-add
+ * (fp-contract is forced on below, since -std=c11 turns it off in gcc).
+ */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=fast")
+#elif defined(__clang__)
+#pragma clang fp contract(fast)
+#endif
+
+#include <math.h>
+
+#include "merge.h"
+#include "philox.h"
+#include "internal.h"
+
+#define MR 8      /* micro-tile rows (of W and B) */
+#define NR 32     /* micro-tile columns (of W and A): two 16-float vectors */
+#define MC 96     /* rows per tile, a multiple of MR */
+#define NC_MAX 512
+#define A_PACK_FLOATS 65536 /* target size of one packed A panel (256 KB, half an L2) */
+
+typedef float v16f __attribute__((vector_size(64)));
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* argument checks and the non-finite scan */
+
+static int range_overlap(const void *p, int64_t pbytes, const void *q, int64_t qbytes)
+{
+    if (pbytes <= 0 || qbytes <= 0) return 0;
+    uintptr_t p0 = (uintptr_t)p, p1 = p0 + (uintptr_t)pbytes;
+    uintptr_t q0 = (uintptr_t)q, q1 = q0 + (uintptr_t)qbytes;
+    return p0 < q1 && q0 < p1;
+}
+
+/* 1 if x (n,) of dtype holds a NaN or Inf (exponent all ones). */
+static int has_nonfinite(const void *x, relora_dtype dt, int64_t n, int nt)
+{
+    int bad = 0;
+    (void)nt;
+    if (dt == RELORA_F32) {
+        const uint32_t *u = (const uint32_t *)x;
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(| : bad) if (n > 262144)
+        for (int64_t i = 0; i < n; i++) bad |= (u[i] & 0x7F800000u) == 0x7F800000u;
+    } else {
+        const uint16_t *h = (const uint16_t *)x;
+        const uint16_t m = dt == RELORA_BF16 ? 0x7F80u : 0x7C00u;
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(| : bad) if (n > 262144)
+        for (int64_t i = 0; i < n; i++) bad |= (h[i] & m) == m;
+    }
+    return bad;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* packing */
+
+/* ap <- A[:, j0 : j0+nc] as fp32 slivers of NR columns: ap[s*R*NR + k*NR + l] = A[k, j0 + s*NR + l],
+ * zero past column j0+nc. */
+static void pack_a(float *restrict ap, const void *A, relora_dtype dt, int64_t I, int64_t R,
+                   int64_t j0, int64_t nc)
+{
+    const int64_t ns = (nc + NR - 1) / NR;
+    for (int64_t s = 0; s < ns; s++) {
+        const int64_t c0 = j0 + s * NR;
+        const int64_t w = nc - s * NR < NR ? nc - s * NR : NR;
+        float *restrict dst = ap + s * R * NR;
+        for (int64_t k = 0; k < R; k++) {
+            float *restrict d = dst + k * NR;
+            if (w == NR) {
+                switch (dt) {
+                case RELORA_F32: {
+                    const float *src = (const float *)A + k * I + c0;
+                    for (int l = 0; l < NR; l++) d[l] = src[l];
+                    break;
+                }
+                case RELORA_BF16: {
+                    const uint16_t *src = (const uint16_t *)A + k * I + c0;
+                    for (int l = 0; l < NR; l++) d[l] = bf16_to_f32(src[l]);
+                    break;
+                }
+                case RELORA_F16: {
+                    const uint16_t *src = (const uint16_t *)A + k * I + c0;
+                    for (int l = 0; l < NR; l++) d[l] = f16_to_f32(src[l]);
+                    break;
+                }
+                }
+            } else {
+                for (int l = 0; l < NR; l++) d[l] = l < w ? load_as_f32(A, dt, k * I + c0 + l) : 0.0f;
+            }
+        }
+    }
+}
+
+/* bp <- B[i0 : i0+mc, :] as fp32 slivers of MR rows: bp[q*R*MR + k*MR + r] = B[i0 + q*MR + r, k],
+ * zero past row i0+mc. */
+static void pack_b(float *restrict bp, const void *B, relora_dtype dt, int64_t R, int64_t i0, int64_t mc)
+{
+    const int64_t nq = (mc + MR - 1) / MR;
+    for (int64_t q = 0; q < nq; q++) {
+        float *restrict dst = bp + q * R * MR;
+        for (int r = 0; r < MR; r++) {
+            const int64_t row = q * MR + r;
+            if (row < mc) {
+                const int64_t base = (i0 + row) * R;
+                switch (dt) {
+                case RELORA_F32:
+                    for (int64_t k = 0; k < R; k++) dst[k * MR + r] = ((const float *)B)[base + k];
+                    break;
+                case RELORA_BF16:
+                    for (int64_t k = 0; k < R; k++) dst[k * MR + r] = bf16_to_f32(((const uint16_t *)B)[base + k]);
+                    break;
+                case RELORA_F16:
+                    for (int64_t k = 0; k < R; k++) dst[k * MR + r] = f16_to_f32(((const uint16_t *)B)[base + k]);
+                    break;
+                }
+            } else {
+                for (int64_t k = 0; k < R; k++) dst[k * MR + r] = 0.0f;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* micro-kernel: c (MR, NR) = sum_k bp[k, :]^T ap[k, :]; bp (R, MR), ap (R, NR), both packed fp32 */
+
+static inline void kernel_mrxnr(float *restrict c, const float *restrict bp, const float *restrict ap,
+                                int64_t R)
+{
+    v16f acc[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) { acc[r][0] = (v16f){0}; acc[r][1] = (v16f){0}; }
+    for (int64_t k = 0; k < R; k++) {
+        const v16f a0 = *(const v16f *)(ap + k * NR);
+        const v16f a1 = *(const v16f *)(ap + k * NR + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            const v16f b = (v16f){0} + bp[k * MR + r];
+            acc[r][0] += b * a0;
+            acc[r][1] += b * a1;
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+        *(v16f *)(c + r * NR) = acc[r][0];
+        *(v16f *)(c + r * NR + 16) = acc[r][1];
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* rounding into W */
+
+/* bf16 stochastic rounding: add 16 random bits below the bf16 mantissa and truncate. NaN stays NaN;
+ * a finite value only becomes Inf when round-to-nearest would (then the RNE result is used). */
+RELORA_INLINE uint16_t f32_to_bf16_sr(float x, uint32_t word)
+{
+    const uint32_t u = f32_bits(x);
+    const uint32_t r = (u + (word & 0xFFFFu)) >> 16;
+    const int finite = (u & 0x7F800000u) != 0x7F800000u;
+    const int overflow = (r & 0x7F80u) == 0x7F80u;
+    return (!finite || overflow) ? f32_to_bf16(x) : (uint16_t)r;
+}
+
+/* fp16 stochastic rounding: with lo <= |x| <= hi the two neighbouring fp16 magnitudes, round to hi
+ * iff word < p * 2^32, p = (|x| - lo) / (hi - lo) (exact in fp32, compared exactly in double).
+ * NaN, Inf and |x| > 65504 (largest fp16) use round-to-nearest. */
+RELORA_INLINE uint16_t f32_to_f16_sr(float x, uint32_t word)
+{
+    const uint32_t u = f32_bits(x);
+    const float ax = f32_from_bits(u & 0x7FFFFFFFu);
+    if (!(ax <= 65504.0f)) return f32_to_f16(x); /* NaN, Inf, beyond the largest fp16 */
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint16_t h = f32_to_f16(ax);
+    const float hf = f16_to_f32(h);
+    if (hf == ax) return (uint16_t)(sign | h);
+    const uint16_t lo = hf < ax ? h : (uint16_t)(h - 1);
+    const float lof = f16_to_f32(lo), hif = f16_to_f32((uint16_t)(lo + 1));
+    const float p = (ax - lof) / (hif - lof);
+    const int up = (double)word < (double)p * 4294967296.0;
+    return (uint16_t)(sign | (uint16_t)(lo + up));
+}
+
+/* W row segment w[0..n) += scale * c[0..n), rounded; words[j] is the Philox word of element j (SR). */
+static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c, float scale,
+                      int stochastic, const uint32_t *restrict words)
+{
+    switch (wdt) {
+    case RELORA_F32: {
+        float *restrict o = (float *)w;
+        if (n == NR) {
+            for (int j = 0; j < NR; j++) o[j] = o[j] + scale * c[j];
+        } else {
+            for (int j = 0; j < n; j++) o[j] = o[j] + scale * c[j];
+        }
+        break;
+    }
+    case RELORA_BF16: {
+        uint16_t *restrict o = (uint16_t *)w;
+        if (!stochastic) {
+            if (n == NR) {
+                for (int j = 0; j < NR; j++) o[j] = f32_to_bf16(bf16_to_f32(o[j]) + scale * c[j]);
+            } else {
+                for (int j = 0; j < n; j++) o[j] = f32_to_bf16(bf16_to_f32(o[j]) + scale * c[j]);
+            }
+        } else {
+            for (int j = 0; j < n; j++) o[j] = f32_to_bf16_sr(bf16_to_f32(o[j]) + scale * c[j], words[j]);
+        }
+        break;
+    }
+    case RELORA_F16: {
+        uint16_t *restrict o = (uint16_t *)w;
+        if (!stochastic) {
+            if (n == NR) {
+                for (int j = 0; j < NR; j++) o[j] = f32_to_f16(f16_to_f32(o[j]) + scale * c[j]);
+            } else {
+                for (int j = 0; j < n; j++) o[j] = f32_to_f16(f16_to_f32(o[j]) + scale * c[j]);
+            }
+        } else {
+            for (int j = 0; j < n; j++) o[j] = f32_to_f16_sr(f16_to_f32(o[j]) + scale * c[j], words[j]);
+        }
+        break;
+    }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+
+relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
+                         const void *B, const void *A, relora_dtype adtype,
+                         int64_t O, int64_t I, int64_t R,
+                         float scale, relora_rounding rounding, uint64_t seed, int nthreads)
+{
+    /* arguments */
+    if (!dtype_valid(wdtype) || !dtype_valid(adtype)) return RELORA_ERR_ARG;
+    if (rounding != RELORA_ROUND_NEAREST && rounding != RELORA_ROUND_STOCHASTIC) return RELORA_ERR_ARG;
+    if (O < 0 || I < 0 || R < 1 || ldw < I || ldw < 0) return RELORA_ERR_ARG;
+    const int64_t lim = INT64_MAX / 8;
+    if ((ldw > 0 && O > lim / ldw) || O > lim / R || (I > 0 && R > lim / I)) return RELORA_ERR_ARG;
+    if (!isfinite(scale)) return RELORA_ERR_ARG;
+    if ((W == NULL && O > 0 && I > 0) || (B == NULL && O > 0) || (A == NULL && I > 0)) return RELORA_ERR_ARG;
+    const int64_t wes = (int64_t)relora_dtype_size(wdtype), aes = (int64_t)relora_dtype_size(adtype);
+    const int64_t wbytes = (O > 0 && I > 0) ? ((O - 1) * ldw + I) * wes : 0;
+    if (range_overlap(W, wbytes, A, R * I * aes) || range_overlap(W, wbytes, B, O * R * aes))
+        return RELORA_ERR_ARG;
+
+    const int nt = relora_threads(nthreads);
+    if (has_nonfinite(A, adtype, R * I, nt) || has_nonfinite(B, adtype, O * R, nt))
+        return RELORA_ERR_NONFINITE;
+    if (O == 0 || I == 0) return RELORA_OK;
+
+    /* blocking */
+    int64_t nc = (A_PACK_FLOATS / R) / NR * NR;
+    if (nc > NC_MAX) nc = NC_MAX;
+    if (nc < NR) nc = NR;
+    const int64_t ipad = (I + NR - 1) / NR * NR;
+    if (nc > ipad) nc = ipad;
+    const int64_t n_ic = (O + MC - 1) / MC, n_jc = (I + nc - 1) / nc;
+    const int64_t ntiles = n_ic * n_jc;
+    const int stochastic = rounding == RELORA_ROUND_STOCHASTIC && wdtype != RELORA_F32;
+    const int nthr = ntiles < nt ? (int)ntiles : nt;
+
+    /* per-thread packs: A panel (R, nc), B block (MC, R), SR words (MR, nc) */
+    const size_t a_floats = (size_t)(R * nc), b_floats = (size_t)(MC * R);
+    const size_t w_words = stochastic ? (size_t)(MR * nc) : 0;
+    const size_t per_thread = a_floats + b_floats + w_words + (size_t)(MR * NR) + 64;
+    float *scratch = relora_malloc(sizeof(float) * per_thread * (size_t)nthr);
+    if (scratch == NULL) return RELORA_ERR_NOMEM;
+
+#pragma omp parallel num_threads(nthr)
+    {
+        const int t = relora_thread_id();
+        float *ap = scratch + per_thread * (size_t)t;           /* 64-byte aligned: sizes below are */
+        float *bp = ap + a_floats;                              /* multiples of 16 floats */
+        float *ct = bp + b_floats;                              /* (MR, NR) sums */
+        uint32_t *words = (uint32_t *)(ct + MR * NR);
+        int64_t packed_jc = -1;
+
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < ntiles; tile++) {
+            const int64_t jci = tile / n_ic, ici = tile % n_ic;
+            const int64_t j0 = jci * nc, i0 = ici * MC;
+            const int64_t ncw = I - j0 < nc ? I - j0 : nc;
+            const int64_t mc = O - i0 < MC ? O - i0 : MC;
+            if (packed_jc != jci) { pack_a(ap, A, adtype, I, R, j0, ncw); packed_jc = jci; }
+            pack_b(bp, B, adtype, R, i0, mc);
+            const int64_t nq = (mc + MR - 1) / MR, ns = (ncw + NR - 1) / NR;
+            for (int64_t q = 0; q < nq; q++) {
+                const int64_t mr = mc - q * MR < MR ? mc - q * MR : MR;
+                if (stochastic)
+                    for (int64_t r = 0; r < mr; r++)
+                        philox_words(seed, 0, (uint64_t)(i0 + q * MR + r) * (uint64_t)I + (uint64_t)j0,
+                                     ncw, words + r * nc);
+                for (int64_t s = 0; s < ns; s++) {
+                    const int nr = ncw - s * NR < NR ? (int)(ncw - s * NR) : NR;
+                    kernel_mrxnr(ct, bp + q * R * MR, ap + s * R * NR, R);
+                    for (int64_t r = 0; r < mr; r++) {
+                        const int64_t i = i0 + q * MR + r;
+                        char *wrow = (char *)W + (i * ldw + j0 + s * NR) * wes;
+                        apply_row(wrow, wdtype, nr, ct + r * NR, scale, stochastic,
+                                  words + r * nc + s * NR);
+                    }
+                }
+            }
+        }
+    }
+    relora_free(scratch);
+    return RELORA_OK;
+}
