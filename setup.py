@@ -25,6 +25,22 @@ kernels = (
     },
 )
 
+
+class build_ext(BuildExtension):
+    """torch's BuildExtension compiles every source with the C++ compiler; build the plain C
+    extension (`_numpy`) with setuptools' own compile step so that it is compiled as C."""
+
+    def build_extension(self, ext):
+        if ext.name != "relora_ext._numpy":
+            return super().build_extension(ext)
+        patched = {k: self.compiler.__dict__.pop(k) for k in ("compile", "_compile")
+                   if k in self.compiler.__dict__}
+        try:
+            return super().build_extension(ext)
+        finally:
+            self.compiler.__dict__.update(patched)
+
+
 setup(
     libraries=[kernels],
     ext_modules=[
@@ -44,5 +60,5 @@ setup(
             extra_link_args=openmp,
         ),
     ],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": build_ext},
 )

@@ -9,6 +9,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <numpy/arrayobject.h>
+#undef I /* <complex.h>, pulled in by NumPy, defines I; the kernels use it as a shape letter */
 
 #include "kernels/merge.h"
 #include "kernels/prune.h"

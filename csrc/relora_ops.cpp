@@ -185,16 +185,19 @@ at::Tensor round_stochastic(const at::Tensor& v, const at::Tensor& words, at::Sc
     at::Tensor trunc = up.bitwise_right_shift(16).to(at::kShort).view(at::kBFloat16);
     return at::where(v.isfinite() & trunc.isfinite(), trunc, nearest);
   }
-  // fp16: the two neighbours lo <= v <= hi; round up with probability (v - lo) / (hi - lo).
-  at::Tensor nf = nearest.to(at::kFloat);
-  const float inf = std::numeric_limits<float>::infinity();
-  at::Tensor below = at::nextafter(nearest, at::full_like(nearest, -inf)).to(at::kFloat);
-  at::Tensor above = at::nextafter(nearest, at::full_like(nearest, inf)).to(at::kFloat);
-  at::Tensor lo = at::where(nf > v, below, nf), hi = at::where(nf > v, nf, above);
-  at::Tensor p = (v - lo) / (hi - lo);
-  at::Tensor u = words.bitwise_right_shift(8).to(at::kFloat) * (1.0f / 16777216.0f);
-  at::Tensor r = at::where(u < p, hi, lo).to(dtype);
-  return at::where((nf == v) | ~v.isfinite() | ~hi.isfinite(), nearest, r);
+  // fp16: with lo <= |v| <= hi the neighbouring fp16 magnitudes, round to hi iff
+  // word < p * 2^32, p = (|v| - lo) / (hi - lo) in fp32 (as f32_to_f16_sr in merge.c).
+  at::Tensor ax = v.abs();
+  at::Tensor h = ax.to(at::kHalf), hf = h.to(at::kFloat);
+  at::Tensor hbits = h.view(at::kShort).to(at::kInt);
+  at::Tensor lo = at::where(hf < ax, hbits, hbits - 1);
+  at::Tensor lof = lo.to(at::kShort).view(at::kHalf).to(at::kFloat);
+  at::Tensor hif = (lo + 1).to(at::kShort).view(at::kHalf).to(at::kFloat);
+  at::Tensor p = (ax - lof) / (hif - lof);
+  at::Tensor up = words.to(at::kDouble).lt(p.to(at::kDouble) * 4294967296.0);
+  at::Tensor sign = v.view(at::kInt).bitwise_right_shift(16).bitwise_and(0x8000);
+  at::Tensor r = (lo + up.to(at::kInt)).bitwise_or(sign).to(at::kShort).view(at::kHalf);
+  return at::where((hf == ax) | ~(ax <= 65504.0f), nearest, r);
 }
 
 void merge_portable(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale,
@@ -276,10 +279,10 @@ at::Tensor prune_portable(const at::Tensor& x, double ratio, c10::string_view mo
 TORCH_LIBRARY(relora, m) {
   m.def("merge_(Tensor(a!) W, Tensor A, Tensor B, float scale, str rounding, int seed) -> ()");
   m.def("reset_(Tensor(a!) A, Tensor(b!) B, float std, int seed, int offset) -> ()");
-  m.def("prune_(Tensor(a!) x, float ratio, str mode, int seed, int offset) -> Tensor");
+  m.def("prune_(Tensor(a!) x, float ratio, str selection, int seed, int offset) -> Tensor");
   m.def("merge_portable_(Tensor(a!) W, Tensor A, Tensor B, float scale, str rounding, int seed) -> ()");
   m.def("reset_portable_(Tensor(a!) A, Tensor(b!) B, float std, int seed, int offset) -> ()");
-  m.def("prune_portable_(Tensor(a!) x, float ratio, str mode, int seed, int offset) -> Tensor");
+  m.def("prune_portable_(Tensor(a!) x, float ratio, str selection, int seed, int offset) -> Tensor");
 }
 
 // ---------------------------------------------------------------------------------------------

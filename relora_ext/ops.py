@@ -236,5 +236,5 @@ for _name in ("reset_", "reset_portable_"):
 
 for _name in ("prune_", "prune_portable_"):
     @torch.library.register_fake(f"relora::{_name}")
-    def _prune_fake(x, ratio, mode, seed, offset):
+    def _prune_fake(x, ratio, selection, seed, offset):
         return x.new_empty((), dtype=torch.int64)

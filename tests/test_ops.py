@@ -392,10 +392,11 @@ class TestPortable:
         W2 = W1.clone()
         ops.merge_(W1, A, B, 0.2, rounding=rounding, seed=8)
         torch.ops.relora.merge_portable_(W2, A, B, 0.2, rounding, 8)
-        # fp32 sums in another order: a different rounding in rare near-tie cases only.
-        mismatch = (W1 != W2).float().mean().item()
-        assert mismatch < 0.01
+        # fp32 sums in another order: the last fp32 bit differs, which for a 16-bit W changes
+        # the rounding only near ties (or, stochastically, near a random threshold).
         assert_close(W1, W2, rtol=2 * torch.finfo(wdtype).eps, atol=1e-6)
+        if wdtype != torch.float32:
+            assert (W1 != W2).float().mean().item() < 0.01
 
     def test_merge_refuses_nonfinite(self):
         W, A, B = sample_merge(5, 6, 2, torch.float32, torch.float32)

@@ -1,0 +1,258 @@
+"""Benchmark the native ops against the PyTorch expressions they replace, side by side.
+
+    python benchmarks/bench_ops.py [--quick] [--write]
+
+Each comparison runs in one process, interleaving ours and the baselines, median of `--repeats`
+after a warm-up; ratios are ours / baseline (below 1 is faster). Peak memory of prune is measured in
+a fresh subprocess per method (peak RSS from resource.getrusage, minus the RSS with the input alone).
+`--write` replaces the ops section of benchmarks/RESULTS.md with the tables printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import relora_ext
+from relora_ext import ops
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "RESULTS.md")
+BEGIN, END = "<!-- bench_ops:begin -->", "<!-- bench_ops:end -->"
+
+
+def timeit(fns: dict, repeats: int, sync=lambda: None) -> dict:
+    """Median seconds of each callable, interleaved round-robin after one warm-up call each."""
+    for f in fns.values():
+        f()
+    sync()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine_peaks(repeats: int) -> tuple[float, float]:
+    """Memory bandwidth (bytes/s, a 512 MiB copy) and fp32 GEMM peak (flop/s, a 4096^3 mm)."""
+    src = torch.empty(128 << 20)
+    dst = torch.empty_like(src)
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    t = timeit({"copy": lambda: dst.copy_(src), "mm": lambda: torch.mm(a, b)}, repeats)
+    return 2 * src.numel() * 4 / t["copy"], 2 * 4096 ** 3 / t["mm"]
+
+
+# ------------------------------------------------------------------------------------------------
+# merge
+
+
+def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak):
+    rows = []
+    for (out, in_) in shapes:
+        for dtype in dtypes:
+            for r in ranks:
+                g = torch.Generator().manual_seed(0)
+                W0 = torch.randn(out, in_, generator=g).to(dtype)
+                A = torch.randn(r, in_, generator=g).to(dtype)
+                B = (torch.randn(out, r, generator=g) * 1e-2).to(dtype)
+                s = 1.0 / r
+                W = W0.clone()
+                fns = {
+                    "ours": lambda: ops.merge_(W, A, B, s),
+                    "addmm_": lambda: W.addmm_(B, A, alpha=s),
+                    "+= s*(B@A)": lambda: W.add_(s * (B @ A)),
+                }
+                t = timeit(fns, repeats)
+                # Error of one merge against float64, ours vs torch's addmm_ in W's dtype.
+                exact = W0.double() + s * (B.double() @ A.double())
+                Wo, Wt = W0.clone(), W0.clone()
+                ops.merge_(Wo, A, B, s)
+                Wt.addmm_(B, A, alpha=s)
+                err_ours = (Wo.double() - exact).abs().max().item()
+                err_torch = (Wt.double() - exact).abs().max().item()
+                nbytes = 2 * W.numel() * W.element_size() + (A.numel() + B.numel()) * A.element_size()
+                bound = max(nbytes / bandwidth, 2 * out * in_ * r / peak)
+                best = min(t["addmm_"], t["+= s*(B@A)"])
+                rows.append([f"{out}x{in_}", str(dtype).replace("torch.", ""), r,
+                             f"{t['ours'] * 1e3:.2f}", f"{t['addmm_'] * 1e3:.2f}",
+                             f"{t['+= s*(B@A)'] * 1e3:.2f}", f"{t['ours'] / best:.2f}",
+                             f"{bound / t['ours']:.0%}", f"{err_ours:.2e}", f"{err_torch:.2e}"])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+    head = ["W", "dtype", "r", "ours ms", "addmm_ ms", "+= s*(B@A) ms", "ours/best torch",
+            "roofline reached", "max err ours", "max err addmm_"]
+    return head, rows
+
+
+# ------------------------------------------------------------------------------------------------
+# prune
+
+
+def quantile_prune_(x, ratio):
+    """The reference ReLoRA code's magnitude pruning: a torch.quantile threshold."""
+    thr = torch.quantile(x.abs().flatten(), ratio)
+    x.mul_(x.abs() > thr)
+
+
+def kthvalue_prune_(x, ratio):
+    """A torch.kthvalue threshold (exact count only without ties)."""
+    n = x.numel()
+    k = n - math.floor(ratio * n)
+    thr = torch.kthvalue(x.abs().flatten(), n - k + 1).values
+    x.mul_(x.abs() >= thr)
+
+
+PRUNERS = {"ours": lambda x: ops.prune_(x, 0.99), "kthvalue": lambda x: kthvalue_prune_(x, 0.99),
+           "quantile": lambda x: quantile_prune_(x, 0.99)}
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prune_child(method: str, n: int) -> None:
+    """Run in a fresh process: print the extra peak RSS (MiB) that one prune needs."""
+    x = torch.randn(n)
+    base = rss_mib()
+    try:
+        PRUNERS[method](x)
+        print(f"{rss_mib() - base:.1f}")
+    except RuntimeError as e:
+        print("refused: " + str(e).splitlines()[0][:60])
+
+
+def bench_prune(sizes, repeats):
+    rows = []
+    for n in sizes:
+        x0 = torch.randn(n, generator=torch.Generator().manual_seed(0))
+        x = x0.clone()
+        fns = {}
+        for name, f in PRUNERS.items():
+            try:
+                f(x0.clone())
+                fns[name] = (lambda f=f: (x.copy_(x0), f(x)))
+            except RuntimeError:
+                pass
+        fns["copy only"] = lambda: x.copy_(x0)  # subtracted: every call restores x first
+        t = timeit(fns, repeats)
+        ms = {k: (t[k] - t["copy only"]) * 1e3 for k in fns if k != "copy only"}
+        mem = {}
+        for name in PRUNERS:
+            out = subprocess.run([sys.executable, __file__, "--prune-child", name, str(n)],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+            mem[name] = out
+        fmt = lambda k: f"{ms[k]:.1f}" if k in ms else "refused"
+        ratio = lambda k: f"{ms['ours'] / ms[k]:.3f}" if k in ms else "-"
+        rows.append([f"{n / 2 ** 20:.0f}M", fmt("ours"), fmt("kthvalue"), fmt("quantile"),
+                     ratio("kthvalue"), ratio("quantile"), mem["ours"], mem["kthvalue"],
+                     mem["quantile"]])
+        print(" | ".join(rows[-1]), flush=True)
+    head = ["n (fp32)", "ours ms", "kthvalue ms", "quantile ms", "ours/kthvalue", "ours/quantile",
+            "extra peak MiB ours", "kthvalue", "quantile"]
+    return head, rows
+
+
+# ------------------------------------------------------------------------------------------------
+# reset
+
+
+def bench_reset(shapes, repeats):
+    rows = []
+    for (out, in_, r) in shapes:
+        A, B = torch.empty(r, in_), torch.empty(out, r)
+        t = timeit({"ours": lambda: ops.reset_(A, B, std=0.02, seed=0, offset=1),
+                    "normal_+zero_": lambda: (A.normal_(0, 0.02), B.zero_())}, repeats)
+        rows.append([f"A ({r}, {in_}), B ({out}, {r})", f"{t['ours'] * 1e3:.3f}",
+                     f"{t['normal_+zero_'] * 1e3:.3f}", f"{t['ours'] / t['normal_+zero_']:.2f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    return ["shapes (fp32)", "ours ms", "A.normal_(); B.zero_() ms", "ours/torch"], rows
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def table(head, rows) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def context() -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip() or "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return (f"{datetime.date.today()}, commit {commit}, {cpu}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"relora_ext {relora_ext.__version__}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    p.add_argument("--prune-child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.prune_child:
+        return prune_child(args.prune_child[0], int(args.prune_child[1]))
+
+    if args.quick:
+        shapes, ranks, sizes, reps = [(512, 768)], [8, 64], [1 << 20], 3
+    else:
+        shapes, ranks, sizes, reps = [(4096, 4096), (2048, 5632)], [8, 64, 256], \
+            [1 << 20, 16 << 20, 64 << 20], args.repeats
+    bandwidth, peak = machine_peaks(reps)
+    ctx = context()
+    print(f"{ctx}\nbandwidth {bandwidth / 1e9:.1f} GB/s, fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s")
+    merge = bench_merge(shapes, ranks, [torch.float32, torch.bfloat16, torch.float16], reps,
+                        bandwidth, peak)
+    prune = bench_prune(sizes, reps)
+    reset = bench_reset([(4096, 4096, 64), (2048, 5632, 256)] if not args.quick
+                        else [(512, 768, 8)], reps)
+    cmd = "python benchmarks/bench_ops.py" + (" --quick" if args.quick else "")
+    text = "\n\n".join([
+        f"{BEGIN}\n## Native ops (issue 2)\n\n`{cmd}` — {ctx}.\n"
+        f"Measured in the same run: memory bandwidth {bandwidth / 1e9:.1f} GB/s (a 512 MiB copy), "
+        f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s (a 4096³ `torch.mm`). Median of {reps} "
+        "interleaved repeats.",
+        "### merge: `W += s·B·A` (A, B in W's dtype)\n\n"
+        "Roofline reached = max(bytes moved / bandwidth, flops / GEMM peak) / our time. "
+        "Errors: max |W − exact| after one merge, exact in float64.\n\n" + table(*merge),
+        "### prune: magnitude, p = 0.99, fp32\n\nTimes exclude restoring the input. Extra peak "
+        "MiB: peak RSS of a fresh process minus its RSS with the input alone.\n\n" + table(*prune),
+        "### reset: `B ← 0, A ← N(0, σ²)`\n\n" + table(*reset) + f"\n{END}",
+    ])
+    print(text)
+    if args.write:
+        old = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+        if BEGIN in old:
+            new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+        else:
+            new = old.rstrip() + "\n\n" + text + "\n"
+        with open(RESULTS + ".tmp", "w") as f:
+            f.write(new)
+        os.replace(RESULTS + ".tmp", RESULTS)
+
+
+if __name__ == "__main__":
+    main()
