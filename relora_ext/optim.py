@@ -1,0 +1,325 @@
+"""The ReLoRA* optimizer wrapper: :class:`ReLoRAOptimizer`.
+
+It wraps any :class:`torch.optim.Optimizer` and, after every ``reset_every``-th step, runs the ReLoRA*
+cycle on every :class:`~relora_ext.lora.LoRALinear` of the model: merge ``W ← W + s·B·A``, reset
+``B ← 0, A ← N(0, σ²)``, and prune the optimizer state of ``A`` and ``B``.
+
+The ten-line loop::
+
+    model = relora_ext.wrap(model, r=64)
+    opt = relora_ext.ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, reset_every=1000)
+    sched = relora_ext.JaggedCosineLR(opt, total_steps=N, warmup_steps=100, cycle_length=1000,
+                                      restart_warmup_steps=50)
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .lora import LoRALinear, lora_layers
+
+__all__ = ["ReLoRAOptimizer", "reset_offset", "prune_offset"]
+
+_PRUNE_MODES = ("magnitude", "random", "reset")
+_STREAM_PRUNE = 1 << 62
+
+
+def reset_offset(layer_index: int, cycle: int) -> int:
+    """Philox offset of the reset draw of ``A`` for layer ``ℓ`` at cycle ``c``: ``ℓ · 2³² + c``.
+
+    ``c`` counts from 0 (the first reset, after step ``reset_every``, is cycle 0). Valid for
+    ``ℓ < 2³⁰`` and ``c < 2³²``, so it never meets :func:`prune_offset`'s range. Example:
+    ``reset_offset(3, 1) == 3 * 2**32 + 1``.
+    """
+    return (layer_index << 32) + cycle
+
+
+def prune_offset(layer_index: int, tensor_index: int, cycle: int) -> int:
+    """Philox offset of the random-prune mask of one state tensor: ``2⁶² + (16ℓ + j) · 2³² + c``.
+
+    ``j`` numbers the pruned state tensors of layer ``ℓ``: those of ``A`` in sorted state-key order, then
+    those of ``B`` (Adam: ``A.exp_avg``, ``A.exp_avg_sq``, ``B.exp_avg``, ``B.exp_avg_sq`` → ``j = 0..3``).
+    Valid for ``j < 16``, ``ℓ < 2²⁶`` and ``c < 2³²``; the ``2⁶²`` bit separates these streams from the
+    reset draws. Example: ``prune_offset(0, 1, 2) == 2**62 + 2**32 + 2``.
+    """
+    return _STREAM_PRUNE + ((layer_index * 16 + tensor_index) << 32) + cycle
+
+
+class ReLoRAOptimizer(torch.optim.Optimizer):
+    r"""Wrap an optimizer so that it runs the ReLoRA* merge/reset/prune cycle every ``reset_every`` steps.
+
+    ``step()`` steps the wrapped optimizer; after every ``reset_every``-th step it, for every
+    :class:`~relora_ext.lora.LoRALinear` of ``model`` (in :meth:`~torch.nn.Module.named_modules` order,
+    layer index ``ℓ = 0, 1, ...``):
+
+    1. merges ``W ← W + s · B · A`` (fp32 accumulation, one rounding into ``W``'s dtype);
+    2. resets ``B ← 0`` and ``A ← init_std · N(0, 1)`` drawn from the counter-based Philox stream keyed by
+       ``seed`` at offset :func:`reset_offset` ``(ℓ, c) = ℓ · 2³² + c`` for cycle ``c = 0, 1, ...`` — a
+       different draw per layer and per cycle, identical on every thread count and data-parallel rank;
+    3. prunes every optimizer-state tensor of ``A`` and of ``B`` that has the parameter's shape (Adam's
+       ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, SGD's ``momentum_buffer``, ...): ``"magnitude"``
+       keeps exactly ``n - floor(prune_ratio · n)`` largest-magnitude entries, ``"random"`` keeps each entry
+       with probability ``1 - prune_ratio`` (Philox stream ``seed`` at :func:`prune_offset`
+       ``(ℓ, j, c)``), ``"reset"`` zeroes them. Scalar state (``step``) and the state of every other
+       parameter are left untouched.
+
+    The network's function is unchanged by a cycle (up to one rounding of ``W``). It behaves as an
+    optimizer: ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's (shared, not
+    copied), ``zero_grad``, ``add_param_group``, ``state_dict``/``load_state_dict`` (which include this
+    wrapper's counters), step hooks, :mod:`torch.optim.lr_scheduler` classes and
+    :class:`torch.amp.GradScaler` work with it. With a GradScaler, ``scaler.step(opt)`` calls
+    ``opt.step()`` only when the gradients are finite (this wrapper deliberately reports
+    ``_step_supports_amp_scaling = False`` so that even a fused inner optimizer takes that path), so a
+    skipped step never counts toward the cycle.
+
+    Args:
+        optimizer: the optimizer to wrap; it must hold every ``lora_A``/``lora_B`` of ``model``.
+        model: the wrapped model (see :func:`relora_ext.wrap`); must contain at least one LoRALinear.
+        reset_every: cycle length ``T`` in optimizer steps, ``>= 1``.
+        prune_ratio: ``p`` in ``[0, 1]``, the share of state entries zeroed (default 0.99).
+        prune: ``"magnitude"`` (default), ``"random"`` or ``"reset"``.
+        seed: 64-bit key of every reset / random-prune draw, in ``[0, 2**64)``.
+        rounding: rounding of the merge into ``W``: ``"nearest"`` (default) or ``"stochastic"`` (for bf16/
+            fp16 weights; its random bits use key ``seed ^ reset_offset(ℓ, c)``).
+
+    Attributes (for logging): ``steps_taken`` (inner steps taken through this wrapper), ``cycles_done``,
+    ``last_prune_kept`` (state entries kept by the last prune, summed over layers), ``last_prune_total``
+    (entries it considered).
+
+    Example::
+
+        >>> model = relora_ext.wrap(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), r=2,
+        ...                         target_modules=["0", "2"])
+        >>> opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
+        >>> for _ in range(4):
+        ...     model(torch.randn(8, 16)).square().mean().backward(); opt.step(); opt.zero_grad()
+        >>> opt.cycles_done
+        2
+    """
+
+    # GradScaler must unscale and check the grads itself and call step() only when they are finite.
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        reset_every: int,
+        prune_ratio: float = 0.99,
+        prune: str = "magnitude",
+        seed: int = 0,
+        rounding: str = "nearest",
+    ) -> None:
+        where = "ReLoRAOptimizer"
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{where}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, ReLoRAOptimizer):
+            raise TypeError(f"{where}: optimizer is already a ReLoRAOptimizer; wrap the inner optimizer once")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(reset_every, bool) or not isinstance(reset_every, int):
+            raise TypeError(f"{where}: reset_every must be an int, got {type(reset_every).__name__} ({reset_every!r})")
+        if reset_every < 1:
+            raise ValueError(f"{where}: reset_every must be >= 1 (optimizer steps per cycle), got {reset_every}")
+        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)):
+            raise TypeError(f"{where}: prune_ratio must be a float, got {type(prune_ratio).__name__}")
+        if not (0.0 <= float(prune_ratio) <= 1.0):
+            raise ValueError(f"{where}: prune_ratio must be in [0, 1], got {prune_ratio!r}")
+        if prune not in _PRUNE_MODES:
+            raise ValueError(f"{where}: prune must be one of {_PRUNE_MODES}, got {prune!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"{where}: seed must be an int, got {type(seed).__name__} ({seed!r})")
+        if not 0 <= seed < 1 << 64:
+            raise ValueError(f"{where}: seed must be in [0, 2**64), got {seed}")
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"{where}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+
+        layers = lora_layers(model)
+        if not layers:
+            raise ValueError(
+                f"{where}: model ({type(model).__name__}) has no LoRALinear layer; call relora_ext.wrap(model, r=...) "
+                "before building the optimizer"
+            )
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for name, layer in layers:
+            for pname in ("lora_A", "lora_B"):
+                if id(getattr(layer, pname)) not in held:
+                    raise ValueError(
+                        f"{where}: the wrapped optimizer does not hold {name}.{pname} "
+                        f"(shape {tuple(getattr(layer, pname).shape)}); build it from model.parameters() after "
+                        "relora_ext.wrap(model, ...), so that it trains the adapters"
+                    )
+
+        self.optimizer = optimizer
+        self.model_layers = layers
+        self.reset_every = reset_every
+        self.prune_ratio = float(prune_ratio)
+        self.prune = prune
+        self.seed = seed
+        self.rounding = rounding
+        self.steps_taken = 0
+        self.cycles_done = 0
+        self.last_prune_kept = 0
+        self.last_prune_total = 0
+
+        # What torch.optim.Optimizer.__init__ sets up for hooks; param_groups/state/defaults are delegated.
+        from collections import OrderedDict
+
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+    # -- delegation ---------------------------------------------------------------------------------
+
+    @property
+    def param_groups(self):
+        """The wrapped optimizer's ``param_groups`` (the same list)."""
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        """The wrapped optimizer's ``state`` (the same mapping)."""
+        return self.optimizer.state
+
+    @property
+    def defaults(self):
+        """The wrapped optimizer's ``defaults``."""
+        return self.optimizer.defaults
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return (
+            f"ReLoRAOptimizer(reset_every={self.reset_every}, prune_ratio={self.prune_ratio}, prune={self.prune!r}, "
+            f"seed={self.seed}, layers={len(self.model_layers)},\n{inner}\n)"
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or set to ``None``) the gradients, as the wrapped optimizer does."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a parameter group to the wrapped optimizer (see :meth:`torch.optim.Optimizer.add_param_group`)."""
+        self.optimizer.add_param_group(param_group)
+
+    # -- stepping -----------------------------------------------------------------------------------
+
+    def step(self, closure=None):
+        """Step the wrapped optimizer; after every ``reset_every``-th step, run the ReLoRA* cycle.
+
+        Returns what the wrapped optimizer's ``step`` returns (the closure's loss, if given).
+        """
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self.steps_taken += 1
+        if self.steps_taken % self.reset_every == 0:
+            self.restart()
+        return loss
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Run one cycle now (merge, reset, prune on every layer) and count it; ``step()`` calls it.
+
+        Raises :class:`ValueError` naming the layer if an ``A`` or ``B`` holds NaN/Inf; all layers are checked
+        first, so then no layer is merged and the cycle is not counted.
+        """
+        c = self.cycles_done
+        for name, layer in self.model_layers:  # all-or-nothing: refuse before any layer is merged
+            for pname in ("lora_A", "lora_B"):
+                if not bool(torch.isfinite(getattr(layer, pname)).all()):
+                    raise ValueError(
+                        f"ReLoRAOptimizer: cycle {c}, layer {name!r}: {pname} holds non-finite values (NaN/Inf); "
+                        "no layer was merged. Lower the learning rate or use torch.amp.GradScaler / gradient clipping"
+                    )
+        kept = total = 0
+        for li, (name, layer) in enumerate(self.model_layers):
+            off = reset_offset(li, c)
+            merge_seed = (self.seed ^ off) if self.rounding == "stochastic" else None
+            try:
+                layer.merge_and_reset_(seed=self.seed, offset=off, rounding=self.rounding, merge_seed=merge_seed)
+            except ValueError as e:
+                raise ValueError(f"ReLoRAOptimizer: cycle {c}, layer {name!r}: {e}") from None
+            k, t = self._prune_layer(li, layer, c)
+            kept += k
+            total += t
+        self.cycles_done += 1
+        self.last_prune_kept = kept
+        self.last_prune_total = total
+
+    def _prune_layer(self, li: int, layer: LoRALinear, cycle: int):
+        from . import ops
+
+        kept = total = 0
+        j = 0
+        for p in (layer.lora_A, layer.lora_B):
+            st = self.optimizer.state.get(p)
+            if not st:
+                continue
+            for key in sorted(st, key=str):
+                t = st[key]
+                if not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point():
+                    continue
+                if self.prune == "random":
+                    k = ops.prune_(t, self.prune_ratio, mode="random", seed=self.seed,
+                                  offset=prune_offset(li, j, cycle))
+                else:
+                    k = ops.prune_(t, self.prune_ratio, mode=self.prune)
+                kept += int(k)
+                total += t.numel()
+                j += 1
+        return kept, total
+
+    # -- (de)serialisation ------------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The wrapped optimizer's state dict plus a ``"relora"`` entry with this wrapper's counters.
+
+        Example: ``torch.save(opt.state_dict(), "opt.pt")``; later ``opt.load_state_dict(torch.load(...))``.
+        """
+        sd = dict(self.optimizer.state_dict())
+        sd["relora"] = {
+            "steps_taken": self.steps_taken,
+            "cycles_done": self.cycles_done,
+            "last_prune_kept": self.last_prune_kept,
+            "last_prune_total": self.last_prune_total,
+            "reset_every": self.reset_every,
+            "prune_ratio": self.prune_ratio,
+            "prune": self.prune,
+            "seed": self.seed,
+            "rounding": self.rounding,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a dict made by :meth:`state_dict` (the counters and settings come back too).
+
+        A plain state dict of the wrapped optimizer's type (no ``"relora"`` entry) is accepted as well; the
+        counters then restart from zero.
+        """
+        sd = dict(state_dict)
+        meta = sd.pop("relora", None)
+        self.optimizer.load_state_dict(sd)
+        if meta is not None:
+            for k in ("steps_taken", "cycles_done", "last_prune_kept", "last_prune_total", "reset_every",
+                      "prune_ratio", "prune", "seed", "rounding"):
+                if k in meta:
+                    setattr(self, k, meta[k])

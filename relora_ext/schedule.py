@@ -1,0 +1,140 @@
+"""The jagged cosine learning-rate schedule of ReLoRA: :class:`JaggedCosineLR` and :func:`jagged_cosine`."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from torch.optim.lr_scheduler import LRScheduler
+
+__all__ = ["JaggedCosineLR", "jagged_cosine"]
+
+
+def jagged_cosine(t: int, *, total_steps: int, warmup_steps: int, cycle_length: int, restart_warmup_steps: int,
+                  min_lr_ratio: float = 0.1) -> float:
+    r"""The learning-rate factor at step ``t`` (optimizer steps already taken), GUIDE §1 exactly.
+
+    With ``W0 = warmup_steps``, ``R = cycle_length``, ``Wr = restart_warmup_steps``, ``N = total_steps``,
+    ``m = min_lr_ratio``::
+
+        cos(t)    = m + (1 − m) · ½ · (1 + cos(π · (t − W0) / (N − W0)))
+        factor(t) = t / W0                                  if t < W0
+                  = ((t mod R) / Wr) · cos(⌊t/R⌋·R + Wr)    if t ≥ R and (t mod R) < Wr
+                  = cos(t)                                  otherwise
+
+    This is the formula of the reference ReLoRA code (``adjust_step = 0``), so the first step after each
+    reset runs at learning rate 0 and the rate ramps linearly back up to the cosine envelope. For
+    ``t > N`` (past the planned end) the factor stays at the floor ``m`` instead of following the cosine
+    back up.
+
+    Example::
+
+        >>> jagged_cosine(0, total_steps=100, warmup_steps=10, cycle_length=50, restart_warmup_steps=5)
+        0.0
+        >>> jagged_cosine(10, total_steps=100, warmup_steps=10, cycle_length=50, restart_warmup_steps=5)
+        1.0
+    """
+    n, w0, r, wr, m = total_steps, warmup_steps, cycle_length, restart_warmup_steps, min_lr_ratio
+
+    def cos_env(s: int) -> float:
+        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * (s - w0) / (n - w0)))
+
+    if t < w0:
+        return t / w0
+    if t > n:
+        return m
+    if t >= r and (t % r) < wr:
+        return ((t % r) / wr) * cos_env((t // r) * r + wr)
+    return cos_env(t)
+
+
+def _check_int(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"JaggedCosineLR: {name} must be an int, got {type(v).__name__} ({v!r})")
+    if v < lo:
+        raise ValueError(f"JaggedCosineLR: {name} must be >= {lo}, got {v}")
+    return v
+
+
+class JaggedCosineLR(LRScheduler):
+    r"""ReLoRA's jagged cosine schedule: linear warmup, cosine decay, and a short linear re-warmup after
+    every reset.
+
+    Each parameter group's learning rate is ``initial_lr · factor(t)`` with ``factor`` given by
+    :func:`jagged_cosine` (GUIDE §1, exact). ``t`` is:
+
+    - for a :class:`~relora_ext.optim.ReLoRAOptimizer`, its ``steps_taken`` — the optimizer steps that
+      really happened. A step skipped by :class:`torch.amp.GradScaler` (inf/NaN gradients) advances
+      neither the cycle nor the schedule, so the re-warmups stay aligned with the resets;
+    - for any other optimizer, the number of :meth:`step` calls (``last_epoch``), as usual.
+
+    Call :meth:`step` once after every ``optimizer.step()``, as with any PyTorch scheduler.
+
+    Args:
+        optimizer: the optimizer (normally the :class:`~relora_ext.optim.ReLoRAOptimizer`).
+        total_steps: ``N``, the planned number of optimizer steps, ``> warmup_steps``.
+        warmup_steps: ``W0 >= 0``, the first linear warmup (``0``: none). As in the reference code it must
+            not exceed ``cycle_length`` (the first reset would come before the warmup is done).
+        cycle_length: ``R >= 1``, steps between resets; should equal the optimizer's ``reset_every`` (a
+            warning is given if a ReLoRAOptimizer's differs).
+        restart_warmup_steps: ``Wr``, ``0 <= Wr <= R``, the re-warmup after each reset (``0``: none).
+        min_lr_ratio: ``m`` in ``[0, 1]``, the floor of the cosine.
+        last_epoch: as for every :class:`~torch.optim.lr_scheduler.LRScheduler`.
+
+    Example::
+
+        >>> sched = JaggedCosineLR(opt, total_steps=10_000, warmup_steps=500, cycle_length=2_000,
+        ...                        restart_warmup_steps=100)
+        >>> for batch in loader:
+        ...     ...; opt.step(); sched.step(); opt.zero_grad()
+    """
+
+    def __init__(self, optimizer, *, total_steps: int, warmup_steps: int, cycle_length: int,
+                 restart_warmup_steps: int, min_lr_ratio: float = 0.1, last_epoch: int = -1) -> None:
+        self.total_steps = _check_int("total_steps", total_steps, 1)
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        self.cycle_length = _check_int("cycle_length", cycle_length, 1)
+        self.restart_warmup_steps = _check_int("restart_warmup_steps", restart_warmup_steps, 0)
+        if self.warmup_steps >= self.total_steps:
+            raise ValueError(
+                f"JaggedCosineLR: warmup_steps must be < total_steps ({self.total_steps}), got {self.warmup_steps}"
+            )
+        if self.warmup_steps > self.cycle_length:
+            raise ValueError(
+                f"JaggedCosineLR: warmup_steps must be <= cycle_length ({self.cycle_length}) so that the first "
+                f"reset comes after the warmup, got {self.warmup_steps}"
+            )
+        if self.restart_warmup_steps > self.cycle_length:
+            raise ValueError(
+                f"JaggedCosineLR: restart_warmup_steps must be <= cycle_length ({self.cycle_length}), "
+                f"got {self.restart_warmup_steps}"
+            )
+        if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)):
+            raise TypeError(f"JaggedCosineLR: min_lr_ratio must be a float, got {type(min_lr_ratio).__name__}")
+        if not 0.0 <= float(min_lr_ratio) <= 1.0:
+            raise ValueError(f"JaggedCosineLR: min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        self.min_lr_ratio = float(min_lr_ratio)
+        reset_every = getattr(optimizer, "reset_every", None)
+        if reset_every is not None and reset_every != self.cycle_length:
+            warnings.warn(
+                f"JaggedCosineLR: cycle_length={self.cycle_length} differs from the optimizer's "
+                f"reset_every={reset_every}; the re-warmups will not follow the resets",
+                stacklevel=2,
+            )
+        super().__init__(optimizer, last_epoch)
+
+    def _t(self) -> int:
+        steps = getattr(self.optimizer, "steps_taken", None)
+        if steps is not None and hasattr(self.optimizer, "reset_every"):
+            return int(steps)
+        return self.last_epoch
+
+    def factor(self, t: int) -> float:
+        """The factor at step ``t`` for this schedule's settings (see :func:`jagged_cosine`)."""
+        return jagged_cosine(t, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                             cycle_length=self.cycle_length, restart_warmup_steps=self.restart_warmup_steps,
+                             min_lr_ratio=self.min_lr_ratio)
+
+    def get_lr(self):
+        f = self.factor(self._t())
+        return [base * f for base in self.base_lrs]
