@@ -22,14 +22,19 @@ import subprocess
 import sys
 import time
 
-import torch
+# On small VMs, OpenMP threads that spin after a parallel region (libgomp's default) steal the
+# cores from the next region and add ~8 ms stalls to torch and to us alike; passive waiting avoids
+# that. It must be set before libgomp loads, so before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import relora_ext
-from relora_ext import ops
+import torch  # noqa: E402
+
+import relora_ext  # noqa: E402
+from relora_ext import ops  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
-BEGIN, END = "<!-- bench_ops:begin -->", "<!-- bench_ops:end -->"
+MARK = "<!-- bench_ops:{}:{} -->"  # one section of RESULTS.md per device
 
 
 def timeit(fns: dict, repeats: int, sync=lambda: None) -> dict:
@@ -47,12 +52,12 @@ def timeit(fns: dict, repeats: int, sync=lambda: None) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def machine_peaks(repeats: int) -> tuple[float, float]:
+def machine_peaks(repeats: int, device, sync) -> tuple[float, float]:
     """Memory bandwidth (bytes/s, a 512 MiB copy) and fp32 GEMM peak (flop/s, a 4096^3 mm)."""
-    src = torch.empty(128 << 20)
+    src = torch.empty(128 << 20, device=device)
     dst = torch.empty_like(src)
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-    t = timeit({"copy": lambda: dst.copy_(src), "mm": lambda: torch.mm(a, b)}, repeats)
+    a, b = torch.randn(4096, 4096, device=device), torch.randn(4096, 4096, device=device)
+    t = timeit({"copy": lambda: dst.copy_(src), "mm": lambda: torch.mm(a, b)}, repeats, sync)
     return 2 * src.numel() * 4 / t["copy"], 2 * 4096 ** 3 / t["mm"]
 
 
@@ -60,15 +65,15 @@ def machine_peaks(repeats: int) -> tuple[float, float]:
 # merge
 
 
-def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak):
+def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync):
     rows = []
     for (out, in_) in shapes:
         for dtype in dtypes:
             for r in ranks:
                 g = torch.Generator().manual_seed(0)
-                W0 = torch.randn(out, in_, generator=g).to(dtype)
-                A = torch.randn(r, in_, generator=g).to(dtype)
-                B = (torch.randn(out, r, generator=g) * 1e-2).to(dtype)
+                W0 = torch.randn(out, in_, generator=g).to(device, dtype)
+                A = torch.randn(r, in_, generator=g).to(device, dtype)
+                B = (torch.randn(out, r, generator=g) * 1e-2).to(device, dtype)
                 s = 1.0 / r
                 W = W0.clone()
                 fns = {
@@ -76,24 +81,26 @@ def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak):
                     "addmm_": lambda: W.addmm_(B, A, alpha=s),
                     "+= s*(B@A)": lambda: W.add_(s * (B @ A)),
                 }
-                t = timeit(fns, repeats)
+                t = timeit(fns, repeats, sync)
                 # Error of one merge against float64, ours vs torch's addmm_ in W's dtype.
                 exact = W0.double() + s * (B.double() @ A.double())
-                Wo, Wt = W0.clone(), W0.clone()
+                Wo, Wt, Wp = W0.clone(), W0.clone(), W0.clone()
                 ops.merge_(Wo, A, B, s)
                 Wt.addmm_(B, A, alpha=s)
-                err_ours = (Wo.double() - exact).abs().max().item()
-                err_torch = (Wt.double() - exact).abs().max().item()
+                Wp.add_(s * (B @ A))
+                err = {k: (v.double() - exact).abs().max().item()
+                       for k, v in (("ours", Wo), ("addmm_", Wt), ("+=", Wp))}
                 nbytes = 2 * W.numel() * W.element_size() + (A.numel() + B.numel()) * A.element_size()
                 bound = max(nbytes / bandwidth, 2 * out * in_ * r / peak)
                 best = min(t["addmm_"], t["+= s*(B@A)"])
                 rows.append([f"{out}x{in_}", str(dtype).replace("torch.", ""), r,
                              f"{t['ours'] * 1e3:.2f}", f"{t['addmm_'] * 1e3:.2f}",
                              f"{t['+= s*(B@A)'] * 1e3:.2f}", f"{t['ours'] / best:.2f}",
-                             f"{bound / t['ours']:.0%}", f"{err_ours:.2e}", f"{err_torch:.2e}"])
+                             f"{bound / t['ours']:.0%}", f"{err['ours']:.2e}", f"{err['addmm_']:.2e}",
+                             f"{err['+=']:.2e}"])
                 print(" | ".join(map(str, rows[-1])), flush=True)
     head = ["W", "dtype", "r", "ours ms", "addmm_ ms", "+= s*(B@A) ms", "ours/best torch",
-            "roofline reached", "max err ours", "max err addmm_"]
+            "roofline reached", "max err ours", "max err addmm_", "max err +="]
     return head, rows
 
 
@@ -134,10 +141,10 @@ def prune_child(method: str, n: int) -> None:
         print("refused: " + str(e).splitlines()[0][:60])
 
 
-def bench_prune(sizes, repeats):
+def bench_prune(sizes, repeats, device, sync):
     rows = []
     for n in sizes:
-        x0 = torch.randn(n, generator=torch.Generator().manual_seed(0))
+        x0 = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
         x = x0.clone()
         fns = {}
         for name, f in PRUNERS.items():
@@ -147,13 +154,22 @@ def bench_prune(sizes, repeats):
             except RuntimeError:
                 pass
         fns["copy only"] = lambda: x.copy_(x0)  # subtracted: every call restores x first
-        t = timeit(fns, repeats)
+        t = timeit(fns, repeats, sync)
         ms = {k: (t[k] - t["copy only"]) * 1e3 for k in fns if k != "copy only"}
         mem = {}
         for name in PRUNERS:
-            out = subprocess.run([sys.executable, __file__, "--prune-child", name, str(n)],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-            mem[name] = out
+            if device == "cpu":
+                mem[name] = subprocess.run(
+                    [sys.executable, __file__, "--prune-child", name, str(n)],
+                    capture_output=True, text=True, check=True).stdout.strip()
+            elif name in ms:
+                x.copy_(x0)
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                PRUNERS[name](x)
+                mem[name] = f"{(torch.cuda.max_memory_allocated() - base) / 2 ** 20:.1f}"
+            else:
+                mem[name] = "-"
         fmt = lambda k: f"{ms[k]:.1f}" if k in ms else "refused"
         ratio = lambda k: f"{ms['ours'] / ms[k]:.3f}" if k in ms else "-"
         rows.append([f"{n / 2 ** 20:.0f}M", fmt("ours"), fmt("kthvalue"), fmt("quantile"),
@@ -169,12 +185,12 @@ def bench_prune(sizes, repeats):
 # reset
 
 
-def bench_reset(shapes, repeats):
+def bench_reset(shapes, repeats, device, sync):
     rows = []
     for (out, in_, r) in shapes:
-        A, B = torch.empty(r, in_), torch.empty(out, r)
+        A, B = torch.empty(r, in_, device=device), torch.empty(out, r, device=device)
         t = timeit({"ours": lambda: ops.reset_(A, B, std=0.02, seed=0, offset=1),
-                    "normal_+zero_": lambda: (A.normal_(0, 0.02), B.zero_())}, repeats)
+                    "normal_+zero_": lambda: (A.normal_(0, 0.02), B.zero_())}, repeats, sync)
         rows.append([f"A ({r}, {in_}), B ({out}, {r})", f"{t['ours'] * 1e3:.3f}",
                      f"{t['normal_+zero_'] * 1e3:.3f}", f"{t['ours'] / t['normal_+zero_']:.2f}"])
         print(" | ".join(rows[-1]), flush=True)
@@ -200,7 +216,8 @@ def context() -> str:
     except (OSError, AttributeError):
         pass
     return (f"{datetime.date.today()}, commit {commit}, {cpu}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+            f"torch {torch.__version__}, "
             f"relora_ext {relora_ext.__version__}")
 
 
@@ -209,6 +226,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the portable ATen path")
     p.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     p.add_argument("--prune-child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -221,17 +239,19 @@ def main():
     else:
         shapes, ranks, sizes, reps = [(4096, 4096), (2048, 5632)], [8, 64, 256], \
             [1 << 20, 16 << 20, 64 << 20], args.repeats
-    bandwidth, peak = machine_peaks(reps)
-    ctx = context()
+    device = args.device
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    bandwidth, peak = machine_peaks(reps, device, sync)
+    ctx = context() + (f", {torch.cuda.get_device_name()}" if device != "cpu" else "")
     print(f"{ctx}\nbandwidth {bandwidth / 1e9:.1f} GB/s, fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s")
     merge = bench_merge(shapes, ranks, [torch.float32, torch.bfloat16, torch.float16], reps,
-                        bandwidth, peak)
-    prune = bench_prune(sizes, reps)
+                        bandwidth, peak, device, sync)
+    prune = bench_prune(sizes, reps, device, sync)
     reset = bench_reset([(4096, 4096, 64), (2048, 5632, 256)] if not args.quick
-                        else [(512, 768, 8)], reps)
-    cmd = "python benchmarks/bench_ops.py" + (" --quick" if args.quick else "")
+                        else [(512, 768, 8)], reps, device, sync)
+    cmd = " ".join(["python benchmarks/bench_ops.py"] + sys.argv[1:])
     text = "\n\n".join([
-        f"{BEGIN}\n## Native ops (issue 2)\n\n`{cmd}` — {ctx}.\n"
+        f"{MARK.format(device, 'begin')}\n## Native ops (issue 2), {device}\n\n`{cmd}` — {ctx}.\n"
         f"Measured in the same run: memory bandwidth {bandwidth / 1e9:.1f} GB/s (a 512 MiB copy), "
         f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s (a 4096³ `torch.mm`). Median of {reps} "
         "interleaved repeats.",
@@ -240,13 +260,14 @@ def main():
         "Errors: max |W − exact| after one merge, exact in float64.\n\n" + table(*merge),
         "### prune: magnitude, p = 0.99, fp32\n\nTimes exclude restoring the input. Extra peak "
         "MiB: peak RSS of a fresh process minus its RSS with the input alone.\n\n" + table(*prune),
-        "### reset: `B ← 0, A ← N(0, σ²)`\n\n" + table(*reset) + f"\n{END}",
+        "### reset: `B ← 0, A ← N(0, σ²)`\n\n" + table(*reset) + f"\n{MARK.format(device, 'end')}",
     ])
     print(text)
     if args.write:
         old = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-        if BEGIN in old:
-            new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+        begin, end = MARK.format(device, "begin"), MARK.format(device, "end")
+        if begin in old:
+            new = old[: old.index(begin)] + text + old[old.index(end) + len(end):]
         else:
             new = old.rstrip() + "\n\n" + text + "\n"
         with open(RESULTS + ".tmp", "w") as f:

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 import relora_ext
 from relora_ext import ops
-from conftest import DEVICES
+from conftest import DEVICES, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 1), (7, 33, 1), (33, 7, 7), (1, 64, 3), (64, 1, 5), (65, 129, 8), (100, 257, 33)]
@@ -410,3 +410,35 @@ class TestPortable:
 def test_package_exports_ops():
     assert relora_ext.ops is ops
     assert {"merge_", "reset_", "prune_"} <= set(ops.__all__)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: the portable path on a GPU agrees with the C kernels on the CPU (skipped without a GPU)
+
+
+@requires_cuda
+class TestCuda:
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_reset_matches_cpu(self, dtype):
+        a_cpu, a_gpu = torch.empty(64, 129, dtype=dtype), torch.empty(64, 129, dtype=dtype,
+                                                                     device="cuda")
+        ops.reset_(a_cpu, torch.empty(0, dtype=dtype), std=0.1, seed=3, offset=9)
+        ops.reset_(a_gpu, torch.empty(0, dtype=dtype, device="cuda"), std=0.1, seed=3, offset=9)
+        assert_close(a_gpu.cpu(), a_cpu, rtol=2 * torch.finfo(dtype).eps, atol=1e-7)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("mode", ["magnitude", "random"])
+    def test_prune_matches_cpu(self, dtype, mode):
+        x = sample_prune(100_003, dtype, seed=2)
+        y = x.cuda()
+        assert ops.prune_(x, 0.99, mode=mode, seed=1) == ops.prune_(y, 0.99, mode=mode, seed=1)
+        assert torch.equal(y.cpu(), x)
+
+    @pytest.mark.parametrize("wdtype", DTYPES)
+    def test_merge_one_rounding(self, wdtype):
+        W, A, B = sample_merge(300, 500, 16, wdtype, torch.float32, device="cuda")
+        exact = reference_merge(W, A, B, 0.1)
+        ops.merge_(W, A, B, 0.1)
+        terms = exact.abs() + 0.1 * (B.double().abs() @ A.double().abs())
+        bound = 0.5 * ulp(exact, wdtype) + 1e-6 * terms + 1e-30
+        assert bool(((W.double() - exact).abs() <= bound).all())
