@@ -90,6 +90,10 @@ def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync):
                 Wp.add_(s * (B @ A))
                 err = {k: (v.double() - exact).abs().max().item()
                        for k, v in (("ours", Wo), ("addmm_", Wt), ("+=", Wp))}
+                # Share of entries that differ from the correctly rounded exact result.
+                rne = exact.to(dtype)
+                wrong = {k: (v != rne).double().mean().item()
+                         for k, v in (("ours", Wo), ("addmm_", Wt), ("+=", Wp))}
                 nbytes = 2 * W.numel() * W.element_size() + (A.numel() + B.numel()) * A.element_size()
                 bound = max(nbytes / bandwidth, 2 * out * in_ * r / peak)
                 best = min(t["addmm_"], t["+= s*(B@A)"])
@@ -97,10 +101,12 @@ def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync):
                              f"{t['ours'] * 1e3:.2f}", f"{t['addmm_'] * 1e3:.2f}",
                              f"{t['+= s*(B@A)'] * 1e3:.2f}", f"{t['ours'] / best:.2f}",
                              f"{bound / t['ours']:.0%}", f"{err['ours']:.2e}", f"{err['addmm_']:.2e}",
-                             f"{err['+=']:.2e}"])
+                             f"{err['+=']:.2e}", f"{wrong['ours']:.3%}",
+                             f"{wrong['addmm_']:.3%}", f"{wrong['+=']:.3%}"])
                 print(" | ".join(map(str, rows[-1])), flush=True)
     head = ["W", "dtype", "r", "ours ms", "addmm_ ms", "+= s*(B@A) ms", "ours/best torch",
-            "roofline reached", "max err ours", "max err addmm_", "max err +="]
+            "roofline reached", "max err ours", "max err addmm_", "max err +=",
+            "misrounded ours", "misrounded addmm_", "misrounded +="]
     return head, rows
 
 
@@ -257,7 +263,8 @@ def main():
         "interleaved repeats.",
         "### merge: `W += s·B·A` (A, B in W's dtype)\n\n"
         "Roofline reached = max(bytes moved / bandwidth, flops / GEMM peak) / our time. "
-        "Errors: max |W − exact| after one merge, exact in float64.\n\n" + table(*merge),
+        "Errors: max |W − exact| after one merge, exact in float64; misrounded: share of entries "
+        "that differ from the exact result rounded once to nearest.\n\n" + table(*merge),
         "### prune: magnitude, p = 0.99, fp32\n\nTimes exclude restoring the input. Extra peak "
         "MiB: peak RSS of a fresh process minus its RSS with the input alone.\n\n" + table(*prune),
         "### reset: `B ← 0, A ← N(0, σ²)`\n\n" + table(*reset) + f"\n{MARK.format(device, 'end')}",
