@@ -30,10 +30,11 @@
 #define MR 8      /* micro-tile rows (of W and B) */
 #define NR 32     /* micro-tile columns (of W and A): two 16-float vectors */
 #define MC 96     /* rows per tile, a multiple of MR */
-#define NC_MAX 512
+#define NC_MAX 8192
 #define A_PACK_FLOATS 65536 /* target size of one packed A panel (256 KB, half an L2) */
 
 typedef float v16f __attribute__((vector_size(64)));
+#define V16_BCAST(x) ((v16f){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* argument checks and the non-finite scan */
@@ -147,7 +148,8 @@ static inline void kernel_mrxnr(float *restrict c, const float *restrict bp, con
         const v16f a1 = *(const v16f *)(ap + k * NR + 16);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; r++) {
-            const v16f b = (v16f){0} + bp[k * MR + r];
+            const float bk = bp[k * MR + r];
+            const v16f b = V16_BCAST(bk);
             acc[r][0] += b * a0;
             acc[r][1] += b * a1;
         }
