@@ -1,0 +1,67 @@
+"""Shared by the benchmark programs: provenance (command, commit, machine, date) and writing one delimited
+section of ``benchmarks/RESULTS.md`` without touching the others."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:  # pragma: no cover - not a git checkout
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except Exception:  # pragma: no cover
+        pass
+    return platform.processor() or "unknown"
+
+
+def provenance() -> dict:
+    """The facts every figure in RESULTS.md comes with."""
+    return {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "commit": _git("describe", "--always", "--dirty", "--abbrev=7"),
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical cores",
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_avg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def provenance_lines(prov: dict) -> str:
+    return (f"- command: `{prov['command']}`\n- commit: `{prov['commit']}`; torch {prov['torch']}; "
+            f"{prov['threads']} thread(s)\n- machine: {prov['machine']}; 1-min load average at start "
+            f"{prov['load_avg_at_start']:.2f} (CPU shared with other jobs)\n- date: {prov['date']}\n")
+
+
+def write_section(name: str, text: str, path: Path = RESULTS_MD) -> None:
+    """Replace (or append) the block between ``<!-- name:begin -->`` and ``<!-- name:end -->``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    new = pat.sub(lambda _: block, old) if pat.search(old) else old.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
