@@ -6,10 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from relora_ext.checkpoint import atomic_save, load_checkpoint, save_checkpoint
-from relora_ext.lora import wrap
-from relora_ext.optim import ReLoRAOptimizer
-from relora_ext.schedule import JaggedCosineLR
+from relora_ext import JaggedCosineLR, ReLoRAOptimizer, atomic_save, load_checkpoint, save_checkpoint, wrap
 
 RESET_EVERY = 6
 

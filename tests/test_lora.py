@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from relora_ext.lora import LoRALinear, lora_layers, unwrap, wrap
+from relora_ext import LoRALinear, lora_layers, unwrap, wrap
 
 
 def reference_lora(x, layer):

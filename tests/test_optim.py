@@ -9,9 +9,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from relora_ext.lora import LoRALinear, lora_layers, wrap
-from relora_ext.optim import ReLoRAOptimizer, prune_offset, reset_offset
-from relora_ext.schedule import JaggedCosineLR
+from relora_ext import JaggedCosineLR, LoRALinear, ReLoRAOptimizer, lora_layers, wrap
+from relora_ext.optim import prune_offset, reset_offset
 
 
 def make_model(seed=0, dropout=0.0):

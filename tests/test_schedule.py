@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from relora_ext.lora import wrap
-from relora_ext.optim import ReLoRAOptimizer
-from relora_ext.schedule import JaggedCosineLR, jagged_cosine
+from relora_ext import JaggedCosineLR, ReLoRAOptimizer, wrap
+from relora_ext.schedule import jagged_cosine
 
 
 def reference_lambda(current_step, *, num_training_steps, first_warmup_steps, restart_warmup_steps,
