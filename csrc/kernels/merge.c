@@ -34,6 +34,9 @@
 #define A_PACK_FLOATS 65536 /* target size of one packed A panel (256 KB, half an L2) */
 
 typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
 #define V16_BCAST(x) ((v16f){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -194,6 +197,54 @@ RELORA_INLINE uint16_t f32_to_f16_sr(float x, uint32_t word)
     return (uint16_t)(sign | (uint16_t)(lo + up));
 }
 
+/* The same fp16 conversions on 16 lanes (internal.h has the scalar versions and the references). */
+static inline v16f v_f16_to_f32(v16h h)
+{
+    const v16u w = __builtin_convertvector(h, v16u) << 16;
+    const v16u sign = w & 0x80000000u;
+    const v16u two_w = w + w;
+    const v16f normalized = (v16f)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const v16f denormalized = (v16f)((two_w >> 17) | (126u << 23)) - 0.5f;
+    const v16u m = (v16u)(two_w < (1u << 27));
+    return (v16f)(sign | (((v16u)denormalized & m) | ((v16u)normalized & ~m)));
+}
+
+static inline v16u v_f32_to_f16(v16f f) /* result in the low 16 bits of each lane */
+{
+    const v16u w = (v16u)f;
+    const v16u shl1_w = w + w;
+    const v16u sign = w & 0x80000000u;
+    v16f base = ((v16f)(shl1_w >> 1) * 0x1.0p+112f) * 0x1.0p-110f;
+    v16u bias = shl1_w & 0xFF000000u;
+    const v16u small = (v16u)(bias < 0x71000000u);
+    bias = (bias & ~small) | (0x71000000u & small);
+    base = (v16f)((bias >> 1) + 0x07800000u) + base;
+    const v16u bits = (v16u)base;
+    const v16u nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    const v16u nan = (v16u)(shl1_w > 0xFF000000u);
+    return (sign >> 16) | ((0x7E00u & nan) | (nonsign & ~nan));
+}
+
+/* f32_to_f16_sr on 16 lanes, bit-identical to the scalar version. */
+static inline v16u v_f32_to_f16_sr(v16f x, v16u word)
+{
+    const v16u u = (v16u)x;
+    const v16f ax = (v16f)(u & 0x7FFFFFFFu);
+    const v16u sign = (u >> 16) & 0x8000u;
+    const v16u h = v_f32_to_f16(ax);
+    const v16f hf = v_f16_to_f32(__builtin_convertvector(h, v16h));
+    const v16u lo = h + (v16u)(hf > ax); /* h - 1 where nearest rounded up */
+    const v16f lof = v_f16_to_f32(__builtin_convertvector(lo, v16h));
+    const v16f hif = v_f16_to_f32(__builtin_convertvector(lo + 1u, v16h));
+    const v16f t = (ax - lof) / (hif - lof) * 0x1.0p32f; /* p * 2^32, exact, < 2^32 */
+    const v16u thr = __builtin_convertvector(t, v16u);   /* floor */
+    const v16f thrf = __builtin_convertvector(thr, v16f);
+    const v16u up = (v16u)((word < thr) | ((word == thr) & (v16u)(t > thrf))); /* word < t */
+    const v16u sr = sign | (lo - up);
+    const v16u ok = (v16u)(ax <= 65504.0f); /* false for NaN, Inf and beyond the largest fp16 */
+    return (sr & ok) | (v_f32_to_f16(x) & ~ok);
+}
+
 /* W row segment w[0..n) += scale * c[0..n), rounded; words[j] is the Philox word of element j (SR). */
 static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c, float scale,
                       int stochastic, const uint32_t *restrict words)
@@ -223,12 +274,22 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
     }
     case RELORA_F16: {
         uint16_t *restrict o = (uint16_t *)w;
-        if (!stochastic) {
-            if (n == NR) {
-                for (int j = 0; j < NR; j++) o[j] = f32_to_f16(f16_to_f32(o[j]) + scale * c[j]);
-            } else {
-                for (int j = 0; j < n; j++) o[j] = f32_to_f16(f16_to_f32(o[j]) + scale * c[j]);
+        if (n == NR) {
+            for (int half = 0; half < NR; half += 16) {
+                v16h wh; v16f cv; v16u wv;
+                memcpy(&wh, o + half, sizeof wh);
+                memcpy(&cv, c + half, sizeof cv);
+                const v16f x = v_f16_to_f32(wh) + scale * cv;
+                if (stochastic) {
+                    memcpy(&wv, words + half, sizeof wv);
+                    wh = __builtin_convertvector(v_f32_to_f16_sr(x, wv), v16h);
+                } else {
+                    wh = __builtin_convertvector(v_f32_to_f16(x), v16h);
+                }
+                memcpy(o + half, &wh, sizeof wh);
             }
+        } else if (!stochastic) {
+            for (int j = 0; j < n; j++) o[j] = f32_to_f16(f16_to_f32(o[j]) + scale * c[j]);
         } else {
             for (int j = 0; j < n; j++) o[j] = f32_to_f16_sr(f16_to_f32(o[j]) + scale * c[j], words[j]);
         }
