@@ -1,0 +1,437 @@
+"""Train the same small LLaMA-style model on Jane Austen with full-rank AdamW, LoRA (peft and relora_ext),
+ReLoRA* (relora_ext) and GaLore (galore-torch), and compare validation perplexity, speed and memory.
+
+Setup (the same for every method):
+
+- data: the bundled ``austen.txt.gz`` (sha256-checked by :func:`relora_ext.demo.load_austen`); byte-level
+  tokens (vocab 256); validation on the held-out novel *Persuasion*, training on the five others;
+- model: :class:`relora_ext.tiny_llama.TinyLlama`, ``--dim`` 128, 4 layers, 4 heads, SwiGLU hidden 352,
+  seq 128 (0.87M parameters), initialised from ``--seed``;
+- a fixed token budget: ``--steps`` x ``--batch-size`` x ``--seq-len`` tokens, batches drawn from ``--seed``;
+- AdamW (betas 0.9/0.95, no weight decay) and the jagged cosine schedule of relora_ext (warmup, cosine to
+  10%; the re-warmups after each reset only for ReLoRA*);
+- the same LR sweep for every method (``--lrs``, at r = d/4 on seed 0); the best LR is reused for the
+  other seed and for r = d/8.
+
+Methods (``--methods``): ``full`` (every parameter, AdamW); ``peft_lora`` (``peft`` LoRA on the seven
+projections of every block, alpha = r, plus the embeddings, norms and head trained, as in relora_ext);
+``lora`` (relora_ext adapters, never merged); ``relora`` (ReLoRA*: merge + reset + 99% magnitude prune
+every ``--reset-every`` steps); ``galore`` (``galore_torch.GaLoreAdamW`` on the same projections' weights,
+rank r, projection refreshed every ``--reset-every`` steps, scale 0.25, the rest plain AdamW).
+
+Each run is a fresh subprocess (so its peak RSS is its own); results are cached as JSON under
+``--cache-dir`` and reused when the configuration matches, so the stages can be run separately:
+
+    python benchmarks/train_lm.py --stage sweep     # 3 LRs x 5 methods, r = d/4, seed 0
+    python benchmarks/train_lm.py --stage final     # seed 1 at r = d/4; seeds 0, 1 at r = d/8
+    python benchmarks/train_lm.py --stage report    # table, plot, RESULTS.md section from the cache
+    python benchmarks/train_lm.py --tiny --stage all --no-write-results   # seconds, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+METHODS = ("full", "peft_lora", "lora", "relora", "galore")
+LABELS = {"full": "full-rank AdamW", "peft_lora": "LoRA (peft)", "lora": "LoRA (relora_ext, no resets)",
+          "relora": "ReLoRA* (relora_ext)", "galore": "GaLore (galore-torch)"}
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# SST paper (Sparse Spectral Training), LLaMA-130M, r = 64: validation perplexities
+PUBLISHED = {"full": 20.04, "lora": 29.71, "relora": 31.33}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run (in a worker subprocess)
+# ---------------------------------------------------------------------------------------------------
+
+
+def worker(cfg: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import relora_ext
+    from relora_ext.analysis import optimizer_state_bytes
+    from relora_ext.demo import _as_tensor, _batch, evaluate, load_austen
+    from relora_ext.tiny_llama import TinyLlama, TinyLlamaConfig
+
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    train_b, val_b = load_austen()
+    train_data, val_data = _as_tensor(train_b), _as_tensor(val_b)
+    rss_base = _peak_rss_mib()
+    mcfg = TinyLlamaConfig(vocab_size=256, dim=cfg["dim"], n_layers=cfg["layers"], n_heads=cfg["heads"],
+                           max_seq_len=cfg["seq_len"])
+    model = TinyLlama(mcfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    method, r, lr, steps = cfg["method"], cfg["rank"], cfg["lr"], cfg["steps"]
+    adamw = dict(lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    reset_every = steps + 1
+    if method == "full":
+        opt = torch.optim.AdamW(model.parameters(), **adamw)
+    elif method in ("lora", "relora"):
+        relora_ext.wrap(model, r=r)
+        inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw)
+        reset_every = cfg["reset_every"] if method == "relora" else steps + 1
+        opt = relora_ext.ReLoRAOptimizer(inner, model, reset_every=reset_every, prune="magnitude",
+                                         prune_ratio=0.99, seed=cfg["seed"])
+    elif method == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=PROJ,
+                                                 bias="none"))
+        for name, p in model.named_parameters():  # train what relora_ext trains: all but the adapted weights
+            if "lora_" not in name and "base_layer" not in name:
+                p.requires_grad_(True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw)
+    elif method == "galore":
+        from galore_torch import GaLoreAdamW
+
+        galore_params, other = [], []
+        for name, p in model.named_parameters():
+            (galore_params if name.rsplit(".", 2)[-2] in PROJ and p.dim() == 2 else other).append(p)
+        opt = GaLoreAdamW([{"params": other},
+                           {"params": galore_params, "rank": r, "update_proj_gap": cfg["reset_every"],
+                            "scale": cfg["galore_scale"], "proj_type": "std"}], **adamw)
+    else:
+        raise ValueError(f"train_lm: unknown method {method!r}")
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sched = relora_ext.JaggedCosineLR(opt, total_steps=steps, warmup_steps=cfg["warmup"],
+                                      cycle_length=max(reset_every, cfg["warmup"]),
+                                      restart_warmup_steps=min(cfg["restart_warmup"], reset_every),
+                                      min_lr_ratio=0.1)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    curve, train_s, diverged, window = [], 0.0, False, []
+
+    def log(step):
+        v = evaluate(model, val_data, cfg["seq_len"], cfg["eval_windows"], 32)
+        curve.append({"step": step, "tokens": step * cfg["batch_size"] * cfg["seq_len"], "val_loss": v,
+                      "train_loss": (sum(window) / len(window)) if window else None})
+        window.clear()
+        print(f"  [{method} r={r} lr={lr:g} seed={cfg['seed']}] step {step}: val {v:.4f}", flush=True)
+
+    log(0)
+    model.train()
+    for step in range(1, steps + 1):
+        starts = torch.randint(0, len(train_data) - cfg["seq_len"] - 1, (cfg["batch_size"],), generator=gen)
+        x, y = _batch(train_data, starts, cfg["seq_len"])
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        if not math.isfinite(loss.item()):
+            diverged = True
+            break
+        loss.backward()
+        try:
+            opt.step()
+        except ValueError:  # ReLoRAOptimizer refuses to merge NaN/Inf factors
+            diverged = True
+            break
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        train_s += time.perf_counter() - t0
+        window.append(loss.item())
+        if step % cfg["eval_every"] == 0 and step != steps:
+            log(step)
+    final = math.inf
+    if not diverged:
+        final = evaluate(model, val_data, cfg["seq_len"], cfg["final_eval_windows"], 32)
+        curve.append({"step": steps, "tokens": steps * cfg["batch_size"] * cfg["seq_len"], "val_loss": final,
+                      "train_loss": (sum(window) / len(window)) if window else None})
+    done = len(curve) and curve[-1]["step"] or 0
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return {
+        "config": cfg,
+        "params": n_params,
+        "trainable": n_trainable,
+        "optimizer_state_bytes": optimizer_state_bytes(opt),
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "grad_bytes": grad_bytes,
+        "val_loss": final,
+        "val_ppl": math.exp(final) if math.isfinite(final) else math.inf,
+        "diverged": diverged,
+        "train_seconds": train_s,
+        "tokens_per_s": (done * cfg["batch_size"] * cfg["seq_len"] / train_s) if train_s else None,
+        "peak_rss_mib": _peak_rss_mib(),
+        "rss_before_model_mib": rss_base,
+        "cycles": getattr(opt, "cycles_done", 0),
+        "load_avg": os.getloadavg()[0],
+        "curve": curve,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_config(args, method: str, rank: int, lr: float, seed: int) -> dict:
+    return {"method": method, "rank": rank if method != "full" else 0, "lr": lr, "seed": seed,
+            "dim": args.dim, "layers": args.layers, "heads": args.heads, "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+            "reset_every": args.reset_every, "restart_warmup": args.restart_warmup,
+            "galore_scale": args.galore_scale, "eval_every": args.eval_every, "eval_windows": args.eval_windows,
+            "final_eval_windows": args.final_eval_windows, "threads": args.threads}
+
+
+def cache_path(args, cfg: dict) -> Path:
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    return args.cache_dir / f"{cfg['method']}_r{cfg['rank']}_lr{cfg['lr']:g}_s{cfg['seed']}_{key}.json"
+
+
+def get_run(args, cfg: dict) -> dict:
+    path = cache_path(args, cfg)
+    if path.exists() and not args.force:
+        return json.loads(path.read_text())
+    print(f"run {cfg['method']} r={cfg['rank']} lr={cfg['lr']:g} seed={cfg['seed']} ...", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg), "--worker-out", str(tmp)],
+                          cwd=HERE.parent)
+    if proc.returncode != 0:
+        raise SystemExit(f"train_lm: worker failed ({proc.returncode}) for {cfg}")
+    res = json.loads(tmp.read_text())
+    res["wall_seconds"] = time.perf_counter() - t0
+    from _report import provenance
+
+    res["provenance"] = provenance()
+    res["provenance"]["threads"] = cfg["threads"]  # the worker's, not this driver's
+    path.write_text(json.dumps(res, indent=1))
+    tmp.unlink()
+    print(f"  -> val loss {res['val_loss']:.4f} (ppl {res['val_ppl']:.3f}), {res['tokens_per_s']:.0f} tok/s, "
+          f"peak RSS {res['peak_rss_mib']:.0f} MiB, {res['wall_seconds']:.0f} s", flush=True)
+    return res
+
+
+def ranks_of(args):
+    return [args.dim // 4, args.dim // 8]
+
+
+def best_lrs(args) -> dict:
+    r = ranks_of(args)[0]
+    best = {}
+    for m in args.methods:
+        runs = [get_run(args, run_config(args, m, r, lr, args.seeds[0])) for lr in args.lrs]
+        best[m] = min(runs, key=lambda x: x["val_loss"])["config"]["lr"]
+    return best
+
+
+def stage_final(args, best):
+    for r in ranks_of(args):
+        for m in args.methods:
+            if m == "full" and r != ranks_of(args)[0]:
+                continue
+            for s in args.seeds:
+                get_run(args, run_config(args, m, r, best[m], s))
+
+
+def collect(args, best) -> dict:
+    rows = {}
+    for r in ranks_of(args):
+        for m in args.methods:
+            rr = ranks_of(args)[0] if m == "full" else r
+            runs = []
+            for s in args.seeds:
+                p = cache_path(args, run_config(args, m, rr, best[m], s))
+                if p.exists():
+                    runs.append(json.loads(p.read_text()))
+            if runs:
+                rows[(r, m)] = runs
+    return rows
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def plot(args, rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"full": "black", "peft_lora": "tab:blue", "lora": "tab:cyan", "relora": "tab:red", "galore": "tab:green"}
+    ranks = ranks_of(args)
+    fig, axes = plt.subplots(1, len(ranks), figsize=(6.5 * len(ranks), 4.6), sharey=True)
+    for ax, r in zip(axes, ranks):
+        for m in args.methods:
+            for i, run in enumerate(rows.get((r, m), [])):
+                c = [p for p in run["curve"] if p["step"] > 0]
+                ax.plot([p["tokens"] / 1e6 for p in c], [p["val_loss"] for p in c], color=colors[m],
+                        alpha=0.95 if i == 0 else 0.4, lw=1.6 if i == 0 else 1,
+                        label=f"{LABELS[m]}, lr {run['config']['lr']:g}" if i == 0 else None)
+        if args.reset_every < args.steps:
+            for k in range(1, args.steps // args.reset_every):
+                ax.axvline(k * args.reset_every * args.batch_size * args.seq_len / 1e6, color="tab:red", lw=0.5,
+                           ls=":")
+        ax.set_title(f"TinyLlama d={args.dim}, r={r} (= d/{args.dim // r}); val on Persuasion")
+        ax.set_xlabel("training tokens (M bytes)")
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(args, rows, best, plot_path: Path) -> str:
+    from _report import provenance_lines
+
+    ranks = ranks_of(args)
+    full = rows.get((ranks[0], "full"))
+    full_ppl = _mean([x["val_ppl"] for x in full]) if full else None
+    full_state = _mean([x["optimizer_state_bytes"] for x in full]) if full else None
+    full_rss = _mean([x["peak_rss_mib"] - x["rss_before_model_mib"] for x in full]) if full else None
+    any_run = next(iter(rows.values()))[0]
+    c = any_run["config"]
+    tokens = c["steps"] * c["batch_size"] * c["seq_len"]
+    out = [
+        "## Language model on Jane Austen: full rank vs LoRA vs ReLoRA* vs GaLore",
+        "",
+        f"TinyLlama d={c['dim']}, {c['layers']} layers, {c['heads']} heads, {any_run['params'] / 1e6:.2f}M parameters, "
+        f"byte tokens, seq {c['seq_len']}, batch {c['batch_size']}, {c['steps']} steps = {tokens / 1e6:.2f}M training "
+        f"tokens (fixed budget), validation on *Persuasion* ({c['final_eval_windows']} windows of {c['seq_len']} "
+        f"bytes). AdamW (0.9, 0.95), no weight decay, warmup {c['warmup']}, cosine to 10%; ReLoRA*: cycle "
+        f"{c['reset_every']} steps, restart warmup {c['restart_warmup']}, 99% magnitude prune; GaLore: projection "
+        f"refreshed every {c['reset_every']} steps, scale {c['galore_scale']}. LR sweep {args.lrs} per method at "
+        f"r = {ranks[0]}, seed {args.seeds[0]}; best LR reused for the other seed(s) and for r = {ranks[1]}. "
+        f"{c['threads']} thread(s) per run, one run at a time, each in a fresh process.",
+        "",
+        "| r | method | LR | val loss | val ppl (per byte) | ppl / full | seeds | tokens/s | peak RSS MiB (over data-loaded baseline) | trainable | optimizer state | state / full |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in ranks:
+        for m in args.methods:
+            runs = rows.get((r, m))
+            if not runs:
+                continue
+            if m == "full" and r != ranks[0]:
+                continue
+            losses = [x["val_loss"] for x in runs]
+            ppl = _mean([x["val_ppl"] for x in runs])
+            st = _mean([x["optimizer_state_bytes"] for x in runs])
+            rss = _mean([x["peak_rss_mib"] for x in runs])
+            drss = _mean([x["peak_rss_mib"] - x["rss_before_model_mib"] for x in runs])
+            tps = _mean([x["tokens_per_s"] for x in runs])
+            loss_txt = f"{_mean(losses):.4f}" + (f" ± {(max(losses) - min(losses)) / 2:.4f}" if len(losses) > 1 else "")
+            out.append(
+                f"| {'—' if m == 'full' else r} | {LABELS[m]} | {runs[0]['config']['lr']:g} | {loss_txt} | {ppl:.3f} | "
+                f"{ppl / full_ppl:.3f} | {len(runs)} | {tps:.0f} | {rss:.0f} ({drss:+.0f}) | "
+                f"{runs[0]['trainable'] / 1e6:.3f}M ({100 * runs[0]['trainable'] / runs[0]['params']:.0f}%) | "
+                f"{st / 2**20:.2f} MiB | {st / full_state:.2f} |")
+    out.append("")
+    out.append("± is half the range over seeds. Published (SST paper, LLaMA-130M on C4, r = 64, perplexity per "
+               f"token): full {PUBLISHED['full']}, LoRA {PUBLISHED['lora']} "
+               f"(**{PUBLISHED['lora'] / PUBLISHED['full']:.2f}× full**), ReLoRA* {PUBLISHED['relora']} "
+               f"(**{PUBLISHED['relora'] / PUBLISHED['full']:.2f}× full**).")
+    # headline comparisons
+    r0 = ranks[0]
+    lines = []
+    for r in ranks:
+        for m in ("peft_lora", "lora", "relora", "galore"):
+            if (r, m) in rows and full_ppl:
+                lines.append(f"{LABELS[m]} r={r}: {_mean([x['val_ppl'] for x in rows[(r, m)]]) / full_ppl:.3f}×")
+    if lines:
+        out.append("Ours, perplexity / full-rank's: " + "; ".join(lines) + ".")
+    if (r0, "relora") in rows and (r0, "galore") in rows and full_state:
+        rel = rows[(r0, "relora")]
+        gal = rows[(r0, "galore")]
+        rs, gs = _mean([x["optimizer_state_bytes"] for x in rel]), _mean([x["optimizer_state_bytes"] for x in gal])
+        rd = _mean([x["peak_rss_mib"] - x["rss_before_model_mib"] for x in rel])
+        gd = _mean([x["peak_rss_mib"] - x["rss_before_model_mib"] for x in gal])
+        out.append(
+            f"Memory at r = {r0}: ReLoRA* optimizer state is {rs / full_state:.2f}× full-rank's and "
+            f"{rs / gs:.2f}× GaLore's; peak RSS over the data-loaded baseline {rd:.0f} MiB vs full {full_rss:.0f} MiB "
+            f"({rd / full_rss:.2f}×) and GaLore {gd:.0f} MiB ({rd / gd:.2f}×). At this model size activations and the "
+            "PyTorch runtime dominate RSS, so the RSS ratios are much closer to 1 than the optimizer-state ratios.")
+    shown = plot_path.resolve().relative_to(HERE) if plot_path.resolve().is_relative_to(HERE) else plot_path
+    out += ["", f"![train_lm]({shown})", ""]
+    provs = [x["provenance"] for runs in rows.values() for x in runs]
+    dates = sorted(p["date"] for p in provs)
+    commits = sorted({p["commit"] for p in provs})
+    loads = [x["load_avg"] for runs in rows.values() for x in runs]
+    out.append(provenance_lines(provs[-1]).replace(
+        "- command:", "- commands: `python benchmarks/train_lm.py --stage sweep`, then `--stage final`, then "
+        "`--stage report`; last run's command:"))
+    out.append(f"- runs made {dates[0]} … {dates[-1]} at commit(s) {', '.join(commits)}; 1-min load average during "
+               f"the runs {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} cores (other jobs shared the CPU: the "
+               "tokens/s figures are contended and only roughly comparable between methods)")
+    return "\n".join(out)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stage", choices=("sweep", "final", "report", "all"), default="all")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--warmup", type=int, default=15)
+    p.add_argument("--reset-every", type=int, default=50)
+    p.add_argument("--restart-warmup", type=int, default=8)
+    p.add_argument("--galore-scale", type=float, default=0.25)
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--final-eval-windows", type=int, default=192)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache-dir", type=Path, default=HERE / "results" / "train_lm")
+    p.add_argument("--plot", type=Path, default=HERE / "plots" / "train_lm.png")
+    p.add_argument("--write-results", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--force", action="store_true", help="rerun even if a cached result exists")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke configuration (d=32, 6 steps)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        res = worker(json.loads(args.worker))
+        Path(args.worker_out).write_text(json.dumps(res))
+        return res
+    if args.tiny:
+        args.dim, args.layers, args.steps, args.warmup, args.reset_every, args.restart_warmup = 32, 1, 6, 1, 3, 1
+        args.eval_every, args.eval_windows, args.final_eval_windows, args.lrs = 3, 4, 8, [1e-3, 3e-3]
+        args.batch_size, args.seq_len = 4, 32
+    t0 = time.perf_counter()
+    best = best_lrs(args) if args.stage in ("sweep", "all", "final", "report") else {}
+    if args.stage in ("final", "all"):
+        stage_final(args, best)
+    rows = collect(args, best)
+    print(f"best LRs: {best}; {time.perf_counter() - t0:.0f} s")
+    if args.stage in ("report", "all"):
+        plot(args, rows, args.plot)
+        md = markdown(args, rows, best, args.plot)
+        print(md)
+        if args.write_results:
+            from _report import write_section
+
+            write_section("train_lm", md)
+            print("wrote the train_lm section of benchmarks/RESULTS.md")
+    return {"best": best, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()
