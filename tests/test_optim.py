@@ -53,11 +53,12 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("guard", [False, True])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_cycle_prunes_adapter_state_only(name):
+def test_cycle_prunes_adapter_state_only(name, guard):
     model = make_model()
     inner = OPTIMIZERS[name](model.parameters())
-    opt = ReLoRAOptimizer(inner, model, reset_every=3, prune_ratio=0.9)
+    opt = ReLoRAOptimizer(inner, model, reset_every=3, prune_ratio=0.9, prune_guard=guard)
     layers = [m for _, m in lora_layers(model)]
     adapters = {id(p) for m in layers for p in (m.lora_A, m.lora_B)}
     snap = {}
@@ -80,11 +81,19 @@ def test_cycle_prunes_adapter_state_only(name):
             if id(p) in adapters and torch.is_tensor(v) and v.shape == p.shape:
                 n = v.numel()
                 keep = n - math.floor(0.9 * n)
-                expected_kept += keep
                 n_pruned += 1
+                top = torch.sort(before.abs().flatten(), descending=True, stable=True).indices[:keep]
+                if guard and k == "exp_avg":  # zeroed where the second moment was zeroed, else the top-k
+                    second = st["exp_avg_sq"] if "max_exp_avg_sq" not in st else st["exp_avg_sq"].abs() + st["max_exp_avg_sq"]
+                    expect = torch.zeros_like(before).flatten()
+                    expect[top] = before.flatten()[top]
+                    expect[second.flatten() == 0] = 0
+                    assert torch.equal(v.flatten(), expect)
+                    expected_kept += int(torch.count_nonzero(expect))
+                    continue
+                expected_kept += keep
                 assert torch.count_nonzero(v) == keep, (k, p.shape)
                 # the kept entries are the largest magnitudes, with unchanged values
-                top = torch.sort(before.abs().flatten(), descending=True, stable=True).indices[:keep]
                 assert torch.equal(v.flatten()[top], before.flatten()[top])
             elif torch.is_tensor(v):
                 assert torch.equal(v, before), (k, p.shape)  # other params and scalar state bit-identical
@@ -125,10 +134,7 @@ def test_saddle_after_reset_and_rank_growth():
     layer = LoRALinear(d, d, r=r, bias=False)
     W0 = layer.weight.detach().double().clone()
     target = torch.randn(d, d) / d**0.5
-    # prune="reset": on this 16x16 toy the default magnitude pruning keeps exp_avg entries whose exp_avg_sq
-    # was pruned, and with dL/dA = 0 after a reset Adam's m / (sqrt(v) + eps) blows up (see the report).
-    opt = ReLoRAOptimizer(torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.0), layer, reset_every=25,
-                          prune="reset")
+    opt = ReLoRAOptimizer(torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.0), layer, reset_every=25)
     sched = JaggedCosineLR(opt, total_steps=25 * k, warmup_steps=5, cycle_length=25, restart_warmup_steps=5)
     for step in range(25 * k):
         x = torch.randn(32, d)
@@ -177,7 +183,7 @@ def test_other_prune_modes(mode):
     for _ in range(2):
         model = make_model()
         opt = ReLoRAOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, reset_every=2, prune=mode,
-                              prune_ratio=0.5, seed=11)
+                              prune_ratio=0.5, seed=11, prune_guard=False)
         train(model, opt, 2)
         runs.append([st["exp_avg"].clone() for p, st in opt.state.items() if p.dim() == 2 and p.requires_grad])
         if mode == "reset":
@@ -292,3 +298,30 @@ def test_nonfinite_adapter_names_the_layer():
     for k, v in model.state_dict().items():  # the cycle is all-or-nothing: layer '0' was not merged either
         assert torch.equal(v, state[k]) or (k == "2.lora_A")
     assert opt.cycles_done == 1
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_prune_guard_prevents_adam_blowup_after_reset(guard):
+    """Pruned independently, a kept exp_avg entry can lose its exp_avg_sq; with dL/dA = 0 right after a
+    reset Adam then moves A by lr * m / eps. The guard (default) zeroes those exp_avg entries."""
+    torch.manual_seed(0)
+    d = 64
+    layer = LoRALinear(d, d, r=8, bias=False)
+    target = torch.randn(d, d) / d**0.5
+    opt = ReLoRAOptimizer(torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.0), layer, reset_every=30,
+                          prune_guard=guard)
+    sched = JaggedCosineLR(opt, total_steps=60, warmup_steps=5, cycle_length=30, restart_warmup_steps=5)
+    a_max = []
+    for step in range(34):
+        x = torch.randn(32, d)
+        (layer(x) - x @ target.T).square().mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        a_max.append(layer.lora_A.abs().max().item())
+    st = opt.state[layer.lora_A]
+    orphans = int(((st["exp_avg"] != 0) & (st["exp_avg_sq"] == 0)).sum())
+    if guard:
+        assert orphans == 0 and max(a_max[30:]) < 3 * max(a_max[:29])
+    else:
+        assert max(a_max[30:]) > 10 * max(a_max[:29])  # the hazard the guard exists for
