@@ -20,8 +20,7 @@ The ten-line loop::
 
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from torch import nn
