@@ -20,7 +20,7 @@ RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
     except Exception:  # pragma: no cover - not a git checkout
         return "unknown"
 
@@ -41,6 +41,8 @@ def provenance() -> dict:
     return {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "commit": _git("describe", "--always", "--dirty", "--abbrev=7"),
+        # tracked files with uncommitted changes when the run started (others may be editing the tree)
+        "dirty_files": [ln[3:] for ln in _git("status", "--porcelain", "--untracked-files=no").splitlines() if ln],
         "machine": f"{cpu_model()}, {os.cpu_count()} logical cores",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
@@ -50,7 +52,9 @@ def provenance() -> dict:
 
 
 def provenance_lines(prov: dict) -> str:
-    return (f"- command: `{prov['command']}`\n- commit: `{prov['commit']}`; torch {prov['torch']}; "
+    dirty = prov.get("dirty_files") or []
+    note = f" (uncommitted changes in: {', '.join(dirty)})" if dirty else ""
+    return (f"- command: `{prov['command']}`\n- commit: `{prov['commit']}`{note}; torch {prov['torch']}; "
             f"{prov['threads']} thread(s)\n- machine: {prov['machine']}; 1-min load average at start "
             f"{prov['load_avg_at_start']:.2f} (CPU shared with other jobs)\n- date: {prov['date']}\n")
 

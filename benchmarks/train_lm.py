@@ -389,7 +389,7 @@ def build_parser():
     p.add_argument("--reset-every", type=int, default=50)
     p.add_argument("--restart-warmup", type=int, default=8)
     p.add_argument("--galore-scale", type=float, default=0.25)
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-windows", type=int, default=32)
