@@ -233,3 +233,42 @@ def test_rank_teacher_quick(tmp_path):
     rel = s["runs"]["relora"][0]
     assert rel["cycles"] == 12 and rel["final_rank_threshold"] > 4 * 2  # rank beyond r after the cycles
     assert s["runs"]["lora"][0]["final_rank_threshold"] <= 4
+
+
+@pytest.fixture(scope="module")
+def train_lm():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_lm
+    finally:
+        sys.path.pop(0)
+    return train_lm
+
+
+def _tiny_lm_config(train_lm, method):
+    args = train_lm.build_parser().parse_args(["--tiny"])
+    args.dim, args.layers, args.steps, args.warmup, args.reset_every, args.restart_warmup = 32, 1, 6, 1, 3, 1
+    args.eval_every, args.eval_windows, args.final_eval_windows = 3, 4, 8
+    args.batch_size, args.seq_len = 4, 32
+    return train_lm.run_config(args, method, 8, 3e-3, 0)
+
+
+@pytest.mark.parametrize("method", ["full", "peft_lora", "lora", "relora", "galore"])
+def test_train_lm_worker_tiny(train_lm, threads, method):
+    """Every method of benchmarks/train_lm.py sets up, trains a few steps and reports what the table needs."""
+    if method == "peft_lora":
+        pytest.importorskip("peft")
+    if method == "galore":
+        pytest.importorskip("galore_torch")
+    threads(1)
+    full = train_lm.worker(_tiny_lm_config(train_lm, "full"))
+    res = full if method == "full" else train_lm.worker(_tiny_lm_config(train_lm, method))
+    assert not res["diverged"] and math.isfinite(res["val_loss"])
+    assert res["val_loss"] < res["curve"][0]["val_loss"]  # it learned something in 6 steps
+    assert res["tokens_per_s"] > 0 and res["peak_rss_mib"] >= res["rss_before_model_mib"] > 0
+    assert res["params"] == full["params"]
+    if method in ("peft_lora", "lora", "relora"):
+        assert res["trainable"] < full["trainable"]
+    if method != "full":
+        assert res["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+    assert res["cycles"] == (2 if method == "relora" else 0)
