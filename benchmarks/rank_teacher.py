@@ -315,7 +315,7 @@ def main(argv=None) -> dict:
     (args.out_dir / "rank_teacher.json").write_text(json.dumps(summary, indent=1))
     plot(summary, args.plot)
     g = summary["goals"]
-    print(f"final loss: " + ", ".join(f"{LABELS[m]} {v:.5f}" for m, v in summary["final"].items())
+    print("final loss: " + ", ".join(f"{LABELS[m]} {v:.5f}" for m, v in summary["final"].items())
           + f" | LoRA floor {sum(summary['lora_floor']) / len(summary['lora_floor']):.5f} | noise {summary['noise_floor']:.5f}")
     print(f"ReLoRA* is {g['relora_vs_lora_floor']:.1f}x below LoRA's floor (goal >= 10) and "
           f"{g['relora_vs_full']:.2f}x full rank's loss (goal <= 2); wall {summary['wall_seconds']:.0f} s")

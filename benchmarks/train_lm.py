@@ -22,8 +22,9 @@ rank r, projection refreshed every ``--reset-every`` steps, scale 0.25, the rest
 Each run is a fresh subprocess (so its peak RSS is its own); results are cached as JSON under
 ``--cache-dir`` and reused when the configuration matches, so the stages can be run separately:
 
-    python benchmarks/train_lm.py --stage sweep     # 3 LRs x 5 methods, r = d/4, seed 0
+    python benchmarks/train_lm.py --stage sweep     # 4 LRs x 5 methods, r = d/4, seed 0
     python benchmarks/train_lm.py --stage final     # seed 1 at r = d/4; seeds 0, 1 at r = d/8
+    python benchmarks/train_lm.py --stage memory    # peak memory: a short run per method in a fresh process
     python benchmarks/train_lm.py --stage report    # table, plot, RESULTS.md section from the cache
     python benchmarks/train_lm.py --tiny --stage all --no-write-results   # seconds, for a smoke test
 """
@@ -72,6 +73,12 @@ def worker(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
+    if cfg.get("preimport"):  # memory stage: every method's libraries loaded before the baseline is taken
+        for mod in ("peft", "galore_torch"):
+            try:
+                __import__(mod)
+            except ImportError:
+                pass
     train_b, val_b = load_austen()
     train_data, val_data = _as_tensor(train_b), _as_tensor(val_b)
     rss_base = _peak_rss_mib()
@@ -190,7 +197,8 @@ def run_config(args, method: str, rank: int, lr: float, seed: int) -> dict:
 
 def cache_path(args, cfg: dict) -> Path:
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
-    return args.cache_dir / f"{cfg['method']}_r{cfg['rank']}_lr{cfg['lr']:g}_s{cfg['seed']}_{key}.json"
+    prefix = "mem_" if cfg.get("preimport") else ""
+    return args.cache_dir / f"{prefix}{cfg['method']}_r{cfg['rank']}_lr{cfg['lr']:g}_s{cfg['seed']}_{key}.json"
 
 
 def get_run(args, cfg: dict) -> dict:
@@ -238,6 +246,25 @@ def stage_final(args, best):
                 continue
             for s in args.seeds:
                 get_run(args, run_config(args, m, r, best[m], s))
+
+
+def memory_config(args, method: str, rank: int, lr: float) -> dict:
+    """A short run (8 steps, one merge for ReLoRA*) in a fresh process, every library imported before the
+    baseline RSS is read, so that peak RSS minus baseline is the memory the method's training needs."""
+    cfg = run_config(args, method, rank, lr, args.seeds[0])
+    cfg.update(steps=8, warmup=1, reset_every=4, restart_warmup=1, eval_every=100, eval_windows=4,
+               final_eval_windows=4, preimport=True)
+    return cfg
+
+
+def stage_memory(args, best) -> dict:
+    out = {}
+    for r in ranks_of(args):
+        for m in args.methods:
+            if m == "full" and r != ranks_of(args)[0]:
+                continue
+            out[(r, m)] = get_run(args, memory_config(args, m, r, best[m]))
+    return out
 
 
 def collect(args, best) -> dict:
@@ -289,95 +316,109 @@ def plot(args, rows, path: Path):
     plt.close(fig)
 
 
-def markdown(args, rows, best, plot_path: Path) -> str:
-    from _report import provenance_lines
+def markdown(args, rows, mem, plot_path: Path) -> str:
 
     ranks = ranks_of(args)
-    full = rows.get((ranks[0], "full"))
+    r0 = ranks[0]
+    full = rows.get((r0, "full"))
     full_ppl = _mean([x["val_ppl"] for x in full]) if full else None
-    full_state = _mean([x["optimizer_state_bytes"] for x in full]) if full else None
-    full_rss = _mean([x["peak_rss_mib"] - x["rss_before_model_mib"] for x in full]) if full else None
     any_run = next(iter(rows.values()))[0]
     c = any_run["config"]
     tokens = c["steps"] * c["batch_size"] * c["seq_len"]
+    pub = {"full": 1.0, "peft_lora": PUBLISHED["lora"] / PUBLISHED["full"], "lora": PUBLISHED["lora"] / PUBLISHED["full"],
+           "relora": PUBLISHED["relora"] / PUBLISHED["full"]}
     out = [
         "## Language model on Jane Austen: full rank vs LoRA vs ReLoRA* vs GaLore",
         "",
         f"TinyLlama d={c['dim']}, {c['layers']} layers, {c['heads']} heads, {any_run['params'] / 1e6:.2f}M parameters, "
         f"byte tokens, seq {c['seq_len']}, batch {c['batch_size']}, {c['steps']} steps = {tokens / 1e6:.2f}M training "
-        f"tokens (fixed budget), validation on *Persuasion* ({c['final_eval_windows']} windows of {c['seq_len']} "
-        f"bytes). AdamW (0.9, 0.95), no weight decay, warmup {c['warmup']}, cosine to 10%; ReLoRA*: cycle "
-        f"{c['reset_every']} steps, restart warmup {c['restart_warmup']}, 99% magnitude prune; GaLore: projection "
-        f"refreshed every {c['reset_every']} steps, scale {c['galore_scale']}. LR sweep {args.lrs} per method at "
-        f"r = {ranks[0]}, seed {args.seeds[0]}; best LR reused for the other seed(s) and for r = {ranks[1]}. "
-        f"{c['threads']} thread(s) per run, one run at a time, each in a fresh process.",
+        f"tokens (fixed budget, the same batches for every method), validation on the held-out *Persuasion* "
+        f"({c['final_eval_windows']} windows of {c['seq_len']} bytes). AdamW (0.9, 0.95), no weight decay, warmup "
+        f"{c['warmup']}, cosine to 10%; ReLoRA*: cycle {c['reset_every']} steps, restart warmup {c['restart_warmup']}, "
+        f"99% magnitude prune; GaLore: projection refreshed every {c['reset_every']} steps, scale {c['galore_scale']}. "
+        f"LR sweep {args.lrs} for every method at r = {r0}, seed {args.seeds[0]}; the best LR is reused for the other "
+        f"seed(s) and for r = {ranks[1]}. {c['threads']} thread per run, one run at a time, each in a fresh process.",
         "",
-        "| r | method | LR | val loss | val ppl (per byte) | ppl / full | seeds | tokens/s | peak RSS MiB (over data-loaded baseline) | trainable | optimizer state | state / full |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "### Quality and speed",
+        "",
+        "| r | method | best LR | val loss (nats/byte) | val ppl (per byte) | ppl / full | published ppl / full | seeds | tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in ranks:
         for m in args.methods:
             runs = rows.get((r, m))
-            if not runs:
-                continue
-            if m == "full" and r != ranks[0]:
+            if not runs or (m == "full" and r != r0):
                 continue
             losses = [x["val_loss"] for x in runs]
             ppl = _mean([x["val_ppl"] for x in runs])
-            st = _mean([x["optimizer_state_bytes"] for x in runs])
-            rss = _mean([x["peak_rss_mib"] for x in runs])
-            drss = _mean([x["peak_rss_mib"] - x["rss_before_model_mib"] for x in runs])
-            tps = _mean([x["tokens_per_s"] for x in runs])
             loss_txt = f"{_mean(losses):.4f}" + (f" ± {(max(losses) - min(losses)) / 2:.4f}" if len(losses) > 1 else "")
             out.append(
                 f"| {'—' if m == 'full' else r} | {LABELS[m]} | {runs[0]['config']['lr']:g} | {loss_txt} | {ppl:.3f} | "
-                f"{ppl / full_ppl:.3f} | {len(runs)} | {tps:.0f} | {rss:.0f} ({drss:+.0f}) | "
-                f"{runs[0]['trainable'] / 1e6:.3f}M ({100 * runs[0]['trainable'] / runs[0]['params']:.0f}%) | "
-                f"{st / 2**20:.2f} MiB | {st / full_state:.2f} |")
-    out.append("")
-    out.append("± is half the range over seeds. Published (SST paper, LLaMA-130M on C4, r = 64, perplexity per "
-               f"token): full {PUBLISHED['full']}, LoRA {PUBLISHED['lora']} "
-               f"(**{PUBLISHED['lora'] / PUBLISHED['full']:.2f}× full**), ReLoRA* {PUBLISHED['relora']} "
-               f"(**{PUBLISHED['relora'] / PUBLISHED['full']:.2f}× full**).")
-    # headline comparisons
-    r0 = ranks[0]
-    lines = []
-    for r in ranks:
-        for m in ("peft_lora", "lora", "relora", "galore"):
-            if (r, m) in rows and full_ppl:
-                lines.append(f"{LABELS[m]} r={r}: {_mean([x['val_ppl'] for x in rows[(r, m)]]) / full_ppl:.3f}×")
-    if lines:
-        out.append("Ours, perplexity / full-rank's: " + "; ".join(lines) + ".")
-    if (r0, "relora") in rows and (r0, "galore") in rows and full_state:
-        rel = rows[(r0, "relora")]
-        gal = rows[(r0, "galore")]
-        rs, gs = _mean([x["optimizer_state_bytes"] for x in rel]), _mean([x["optimizer_state_bytes"] for x in gal])
-        rd = _mean([x["peak_rss_mib"] - x["rss_before_model_mib"] for x in rel])
-        gd = _mean([x["peak_rss_mib"] - x["rss_before_model_mib"] for x in gal])
-        out.append(
-            f"Memory at r = {r0}: ReLoRA* optimizer state is {rs / full_state:.2f}× full-rank's and "
-            f"{rs / gs:.2f}× GaLore's; peak RSS over the data-loaded baseline {rd:.0f} MiB vs full {full_rss:.0f} MiB "
-            f"({rd / full_rss:.2f}×) and GaLore {gd:.0f} MiB ({rd / gd:.2f}×). At this model size activations and the "
-            "PyTorch runtime dominate RSS, so the RSS ratios are much closer to 1 than the optimizer-state ratios.")
-    shown = plot_path.resolve().relative_to(HERE) if plot_path.resolve().is_relative_to(HERE) else plot_path
-    out += ["", f"![train_lm]({shown})", ""]
-    provs = [x["provenance"] for runs in rows.values() for x in runs]
+                f"**{ppl / full_ppl:.3f}** | {f'{pub[m]:.2f}' if m in pub else '—'} | {len(runs)} | "
+                f"{_mean([x['tokens_per_s'] for x in runs]):.0f} |")
+    edge = [m for m in args.methods if full and (r0, m) in rows
+            and rows[(r0, m)][0]["config"]["lr"] in (min(args.lrs), max(args.lrs))]
+    out += ["",
+            "± is half the range over seeds. Published: SST paper, LLaMA-130M on C4, r = 64, perplexity per token: "
+            f"full {PUBLISHED['full']}, LoRA {PUBLISHED['lora']}, ReLoRA* {PUBLISHED['relora']}."
+            + (f" Best LR at the edge of the sweep for: {', '.join(LABELS[m] for m in edge)}." if edge else "")]
+    if mem:
+        fm = mem.get((r0, "full"))
+        gal = {r: mem.get((r, "galore")) for r in ranks}
+
+        def d_rss(x):
+            return x["peak_rss_mib"] - x["rss_before_model_mib"]
+
+        def tsb(x):
+            return x["param_bytes"] + x["grad_bytes"] + x["optimizer_state_bytes"]
+
+        out += ["", "### Memory",
+                "",
+                "A separate short run per method (8 steps, one ReLoRA* merge), each in a fresh process that imports "
+                "every library (peft, galore-torch) before reading its baseline RSS: *peak RSS over baseline* is the "
+                "memory its training took (weights, gradients, optimizer state, activations, allocator slack). "
+                "*Weights + grads + state* counts the tensors exactly.",
+                "",
+                "| r | method | trainable | optimizer state | state / full | state / GaLore | weights + grads + state | "
+                "peak RSS over baseline | RSS / full | RSS / GaLore |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in ranks:
+            for m in args.methods:
+                x = mem.get((r, m))
+                if x is None or (m == "full" and r != r0):
+                    continue
+                g = gal.get(r)
+                vs_g = (f"{x['optimizer_state_bytes'] / g['optimizer_state_bytes']:.2f}", f"{d_rss(x) / d_rss(g):.2f}") \
+                    if g else ("—", "—")
+                out.append(
+                    f"| {'—' if m == 'full' else r} | {LABELS[m]} | {x['trainable'] / 1e6:.3f}M "
+                    f"({100 * x['trainable'] / x['params']:.0f}%) | {x['optimizer_state_bytes'] / 2**20:.2f} MiB | "
+                    f"**{x['optimizer_state_bytes'] / fm['optimizer_state_bytes']:.2f}** | {vs_g[0]} | "
+                    f"{tsb(x) / 2**20:.2f} MiB | {d_rss(x):.0f} MiB | **{d_rss(x) / d_rss(fm):.2f}** | {vs_g[1]} |")
+        out += ["", "Trainable share is of the base model's parameters. GaLore trains every weight (full-size "
+                "gradients) but keeps Adam's moments in the rank-r projection, plus the projection matrices."]
+    out += ["", f"![train_lm]({plot_path.resolve().relative_to(HERE) if plot_path.resolve().is_relative_to(HERE) else plot_path})", ""]
+    every = [x for runs in rows.values() for x in runs] + list((mem or {}).values())
+    provs = [x["provenance"] for x in every]
     dates = sorted(p["date"] for p in provs)
     commits = sorted({p["commit"] for p in provs})
-    loads = [x["load_avg"] for runs in rows.values() for x in runs]
-    out.append(provenance_lines(provs[-1]).replace(
-        "- command:", "- commands: `python benchmarks/train_lm.py --stage sweep`, then `--stage final`, then "
-        "`--stage report`; last run's command:"))
-    out.append(f"- runs made {dates[0]} … {dates[-1]} at commit(s) {', '.join(commits)}; 1-min load average during "
-               f"the runs {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} cores (other jobs shared the CPU: the "
-               "tokens/s figures are contended and only roughly comparable between methods)")
+    dirty = sorted({f for p in provs for f in p.get("dirty_files") or []})
+    loads = [x["load_avg"] for x in every]
+    out.append(
+        "- commands: `python benchmarks/train_lm.py --stage sweep`, `--stage final`, `--stage memory`, "
+        "`--stage report` (each run is cached under `benchmarks/results/train_lm/`, one JSON per run with its own "
+        "provenance)\n"
+        f"- runs made {dates[0]} … {dates[-1]} at commit(s) {', '.join(commits)}"
+        + (f" (uncommitted changes in: {', '.join(dirty)})" if dirty else "") + f"; torch {provs[0]['torch']}\n"
+        f"- machine: {provs[0]['machine']}; 1-min load average during the runs {min(loads):.1f}–{max(loads):.1f}: "
+        "other jobs shared the CPU, so the tokens/s figures are contended and only roughly comparable between methods")
     return "\n".join(out)
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stage", choices=("sweep", "final", "report", "all"), default="all")
+    p.add_argument("--stage", choices=("sweep", "final", "memory", "report", "all"), default="all")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -416,14 +457,15 @@ def main(argv=None):
         args.eval_every, args.eval_windows, args.final_eval_windows, args.lrs = 3, 4, 8, [1e-3, 3e-3]
         args.batch_size, args.seq_len = 4, 32
     t0 = time.perf_counter()
-    best = best_lrs(args) if args.stage in ("sweep", "all", "final", "report") else {}
+    best = best_lrs(args)
     if args.stage in ("final", "all"):
         stage_final(args, best)
+    mem = stage_memory(args, best) if args.stage in ("memory", "report", "all") else {}
     rows = collect(args, best)
     print(f"best LRs: {best}; {time.perf_counter() - t0:.0f} s")
     if args.stage in ("report", "all"):
         plot(args, rows, args.plot)
-        md = markdown(args, rows, best, args.plot)
+        md = markdown(args, rows, mem, args.plot)
         print(md)
         if args.write_results:
             from _report import write_section
