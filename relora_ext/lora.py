@@ -193,6 +193,16 @@ class LoRALinear(nn.Module):
         self._weight_requires_grad = requires_grad
         return self
 
+    def reset_parameters(self) -> None:
+        """Re-initialise everything as a fresh layer: ``weight``/``bias`` like :class:`torch.nn.Linear`
+        (Kaiming-uniform), then the adapter (:meth:`reset_lora_parameters`). Example: ``layer.reset_parameters()``."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
     def reset_lora_parameters(self) -> None:
         """Re-initialise the adapter with the module RNG: ``A ~ N(0, init_std²)``, ``B = 0``.
 

@@ -361,3 +361,12 @@ def test_transformers_llama_wrap_unwrap():
     assert_close(plain(ids).logits, y1, rtol=1e-4, atol=1e-4)
     q = wrap(transformers.LlamaForCausalLM(cfg), r=4, target_modules=["q_proj", "v_proj"])
     assert len(wrapped_names(q)) == 4
+
+
+def test_reset_parameters_like_nn_linear():
+    layer = LoRALinear(32, 16, r=4)
+    randomize_B(layer)
+    w = layer.weight.clone()
+    layer.reset_parameters()
+    assert not torch.equal(layer.weight, w) and torch.count_nonzero(layer.lora_B) == 0
+    assert layer.weight.abs().max() <= 1 / math.sqrt(32) and not layer.weight.requires_grad
