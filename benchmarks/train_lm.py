@@ -22,7 +22,7 @@ rank r, projection refreshed every ``--reset-every`` steps, scale 0.25, the rest
 Each run is a fresh subprocess (so its peak RSS is its own); results are cached as JSON under
 ``--cache-dir`` and reused when the configuration matches, so the stages can be run separately:
 
-    python benchmarks/train_lm.py --stage sweep     # 4 LRs x 5 methods, r = d/4, seed 0
+    python benchmarks/train_lm.py --stage sweep     # 5 LRs x 5 methods, r = d/4, seed 0
     python benchmarks/train_lm.py --stage final     # seed 1 at r = d/4; seeds 0, 1 at r = d/8
     python benchmarks/train_lm.py --stage memory    # peak memory: a short run per method in a fresh process
     python benchmarks/train_lm.py --stage report    # table, plot, RESULTS.md section from the cache
@@ -430,7 +430,7 @@ def build_parser():
     p.add_argument("--reset-every", type=int, default=50)
     p.add_argument("--restart-warmup", type=int, default=8)
     p.add_argument("--galore-scale", type=float, default=0.25)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-windows", type=int, default=32)
