@@ -4,7 +4,7 @@
 
 Each comparison runs in one process, interleaving ours and the baselines, median of `--repeats`
 after a warm-up; ratios are ours / baseline (below 1 is faster). Peak memory of prune is measured in
-a fresh subprocess per method (peak RSS from resource.getrusage, minus the RSS with the input alone).
+a fresh subprocess per method (peak RSS, VmHWM, minus the peak with the input alone).
 `--write` replaces the ops section of benchmarks/RESULTS.md with the tables printed.
 """
 
@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -132,17 +131,20 @@ PRUNERS = {"ours": lambda x: ops.prune_(x, 0.99), "kthvalue": lambda x: kthvalue
            "quantile": lambda x: quantile_prune_(x, 0.99)}
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: a child started from this big
+    benchmark process inherits the parent's ru_maxrss across fork+exec, VmHWM starts anew at exec."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s*(\d+) kB", f.read()).group(1)) / 1024
 
 
 def prune_child(method: str, n: int) -> None:
     """Run in a fresh process: print the extra peak RSS (MiB) that one prune needs."""
     x = torch.randn(n)
-    base = rss_mib()
+    base = peak_rss_mib()
     try:
         PRUNERS[method](x)
-        print(f"{rss_mib() - base:.1f}")
+        print(f"{peak_rss_mib() - base:.1f}")
     except RuntimeError as e:
         print("refused: " + str(e).splitlines()[0][:60])
 
