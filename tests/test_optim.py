@@ -325,3 +325,21 @@ def test_prune_guard_prevents_adam_blowup_after_reset(guard):
         assert orphans == 0 and max(a_max[30:]) < 3 * max(a_max[:29])
     else:
         assert max(a_max[30:]) > 10 * max(a_max[:29])  # the hazard the guard exists for
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_bf16_model_cycle(rounding):
+    torch.manual_seed(0)
+    model = wrap(nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8)).to(torch.bfloat16), r=4,
+                 target_modules=["0", "2"])
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=3, rounding=rounding)
+    x = torch.randn(16, 32, dtype=torch.bfloat16)
+    outs = []
+    opt.optimizer.register_step_post_hook(lambda o, a, k: outs.append(model(x).detach().float()))
+    for _ in range(3):
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.cycles_done == 1 and model[0].weight.dtype == torch.bfloat16
+    assert_close(model(x).float(), outs[-1], rtol=0.05, atol=0.05)
+    assert opt.state_dict()["relora"]["rounding"] == rounding
