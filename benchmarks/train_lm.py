@@ -227,7 +227,7 @@ def get_run(args, cfg: dict) -> dict:
 
 
 def ranks_of(args):
-    return [args.dim // 4, args.dim // 8]
+    return list(args.ranks) if args.ranks else [args.dim // 4, args.dim // 8]
 
 
 def best_lrs(args) -> dict:
@@ -294,7 +294,8 @@ def plot(args, rows, path: Path):
 
     colors = {"full": "black", "peft_lora": "tab:blue", "lora": "tab:cyan", "relora": "tab:red", "galore": "tab:green"}
     ranks = ranks_of(args)
-    fig, axes = plt.subplots(1, len(ranks), figsize=(6.5 * len(ranks), 4.6), sharey=True)
+    fig, axes = plt.subplots(1, len(ranks), figsize=(6.5 * len(ranks), 4.6), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, r in zip(axes, ranks):
         for m in args.methods:
             for i, run in enumerate(rows.get((r, m), [])):
@@ -337,7 +338,7 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
         f"{c['warmup']}, cosine to 10%; ReLoRA*: cycle {c['reset_every']} steps, restart warmup {c['restart_warmup']}, "
         f"99% magnitude prune; GaLore: projection refreshed every {c['reset_every']} steps, scale {c['galore_scale']}. "
         f"LR sweep {args.lrs} for every method at r = {r0}, seed {args.seeds[0]}; the best LR is reused for the other "
-        f"seed(s) and for r = {ranks[1]}. {c['threads']} thread per run, one run at a time, each in a fresh process.",
+        f"seed(s){f' and for r = {ranks[1]}' if len(ranks) > 1 else ''}. {c['threads']} thread per run, one run at a time, each in a fresh process.",
         "",
         "### Quality and speed",
         "",
@@ -435,7 +436,10 @@ def build_parser():
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--final-eval-windows", type=int, default=192)
+    p.add_argument("--ranks", type=int, nargs="+", default=None,
+                   help="ranks to run, the first one for the LR sweep (default: d/4 and d/8)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--section", default="train_lm", help="name of the RESULTS.md section to write")
     p.add_argument("--cache-dir", type=Path, default=HERE / "results" / "train_lm")
     p.add_argument("--plot", type=Path, default=HERE / "plots" / "train_lm.png")
     p.add_argument("--write-results", action=argparse.BooleanOptionalAction, default=True)
@@ -470,8 +474,8 @@ def main(argv=None):
         if args.write_results:
             from _report import write_section
 
-            write_section("train_lm", md)
-            print("wrote the train_lm section of benchmarks/RESULTS.md")
+            write_section(args.section, md)
+            print(f"wrote the {args.section} section of benchmarks/RESULTS.md")
     return {"best": best, "rows": rows}
 
 
