@@ -101,6 +101,15 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
             ``n - floor(p·n)`` entries); with ``True`` the second moments keep exactly that many and
             ``exp_avg`` keeps at most that many. Other optimizers' state (SGD's ``momentum_buffer``) is
             unaffected.
+        process_group: the :mod:`torch.distributed` group whose ranks train this model together (default: the
+            default group). Used only when ``torch.distributed`` is initialised with more than one rank.
+        check_ranks: at the first cycle, verify that every rank has the same seed, settings and adapter layout
+            and drew the same ``A`` (default ``True``); see :mod:`relora_ext.distributed`.
+
+    Distributed training: under DDP every rank must pass the **same ``seed``** (the resets are then identical
+    without communication); wrap the model with :func:`relora_ext.wrap` before DDP and build the optimizer from
+    its parameters. Under FSDP2 (``fully_shard`` after ``wrap``, optimizer built after ``fully_shard``) the
+    DTensor parameters are merged shard by shard and their state pruned with the global threshold.
 
     Attributes (for logging): ``steps_taken`` (inner steps taken through this wrapper), ``cycles_done``,
     ``last_prune_kept`` (state entries kept by the last prune, summed over layers), ``last_prune_total``
@@ -131,6 +140,8 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         rounding: str = "nearest",
         prune_guard: bool = True,
+        process_group: Any = None,
+        check_ranks: bool = True,
     ) -> None:
         where = "ReLoRAOptimizer"
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -157,6 +168,8 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
         if not isinstance(prune_guard, bool):
             raise TypeError(f"{where}: prune_guard must be a bool, got {type(prune_guard).__name__}")
+        if not isinstance(check_ranks, bool):
+            raise TypeError(f"{where}: check_ranks must be a bool, got {type(check_ranks).__name__}")
 
         layers = lora_layers(model)
         if not layers:
@@ -182,6 +195,9 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         self.seed = seed
         self.rounding = rounding
         self.prune_guard = prune_guard
+        self.process_group = process_group
+        self.check_ranks = check_ranks
+        self._ranks_checked = False
         self.steps_taken = 0
         self.cycles_done = 0
         self.last_prune_kept = 0
@@ -216,7 +232,9 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         return self.optimizer.defaults
 
     def __getstate__(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        state["process_group"] = None  # process groups do not pickle; the default group is used after unpickling
+        return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -255,31 +273,83 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
 
         Raises :class:`ValueError` naming the layer if an ``A`` or ``B`` holds NaN/Inf; all layers are checked
         first, so then no layer is merged and the cycle is not counted.
+
+        Distributed (``torch.distributed`` initialised, more than one rank in ``process_group``): at the first
+        cycle this optimizer runs, every rank checks that the others have the same setup (seed, settings,
+        adapter layout) and, after the reset, the same ``A`` draws (and merged ``W`` when replicated); a
+        difference raises :class:`relora_ext.distributed.ConsistencyError` on every rank (``check_ranks=False``
+        skips it). FSDP2 (DTensor) layers are merged shard by shard and their optimizer state pruned with the
+        global threshold (:mod:`relora_ext.distributed`). Every rank must call ``step()``/``restart()`` together.
         """
+        from . import distributed as D
+
         c = self.cycles_done
+        multi = D.is_distributed(self.process_group)
+        check = multi and self.check_ranks and not self._ranks_checked
+        if check:
+            D.check_consistency(
+                D.fingerprint(self), group=self.process_group, what=f"ReLoRA* setup at cycle {c}",
+                hint="Every rank must build the same model, call relora_ext.wrap with the same arguments and pass "
+                     "the same seed and settings to ReLoRAOptimizer.")
+        sharded = [D.is_dtensor(layer.weight) or D.is_dtensor(layer.lora_A) for _, layer in self.model_layers]
+        bad = []
         for name, layer in self.model_layers:  # all-or-nothing: refuse before any layer is merged
+            flags = []
             for pname in ("lora_A", "lora_B"):
-                if not bool(torch.isfinite(getattr(layer, pname)).all()):
+                p = getattr(layer, pname)
+                p = p.to_local() if D.is_dtensor(p) else p
+                flags.append(not bool(torch.isfinite(p).all()))
+            bad.append(flags)
+        if multi and any(sharded):  # shards differ per rank: agree on the verdict so that every rank raises
+            import torch.distributed as dist
+
+            t = torch.tensor(bad, dtype=torch.int32).reshape(-1, 2)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+            bad = t.bool().tolist()
+        for (name, layer), flags in zip(self.model_layers, bad):
+            for pname, is_bad in zip(("lora_A", "lora_B"), flags):
+                if is_bad:
                     raise ValueError(
                         f"ReLoRAOptimizer: cycle {c}, layer {name!r}: {pname} holds non-finite values (NaN/Inf); "
                         "no layer was merged. Lower the learning rate or use torch.amp.GradScaler / gradient clipping"
                     )
         kept = total = 0
+        full_A = []
+        guard_sharded: Dict[Any, list] = {}
         for li, (name, layer) in enumerate(self.model_layers):
             off = reset_offset(li, c)
             merge_seed = (self.seed ^ off) if self.rounding == "stochastic" else None
             try:
-                layer.merge_and_reset_(seed=self.seed, offset=off, rounding=self.rounding, merge_seed=merge_seed)
+                if sharded[li]:
+                    full_A.append(D.merge_and_reset_sharded_(layer, seed=self.seed, offset=off,
+                                                             rounding=self.rounding, merge_seed=merge_seed))
+                else:
+                    layer.merge_and_reset_(seed=self.seed, offset=off, rounding=self.rounding, merge_seed=merge_seed)
+                    full_A.append(None)
             except ValueError as e:
                 raise ValueError(f"ReLoRAOptimizer: cycle {c}, layer {name!r}: {e}") from None
-            k, t = self._prune_layer(li, layer, c)
+            k, t = self._prune_layer(li, layer, c, guard_sharded)
             kept += k
             total += t
+        if guard_sharded:  # entries zeroed by the guard on shards: sum over each shard group
+            import torch.distributed as dist
+
+            for group, counts in guard_sharded.values():
+                g = torch.tensor([sum(counts)], dtype=torch.int64)
+                dist.all_reduce(g, group=group)
+                kept -= int(g)
+        if check:
+            D.check_consistency(
+                D.draw_hashes(self, full_A), group=self.process_group, what=f"reset draw / merged weight at cycle {c}",
+                hint="The ranks drew different A or hold different W: same seed on every rank, model wrapped by "
+                     "relora_ext.wrap before DDP, optimizer built from the DDP module's parameters.")
+            self._ranks_checked = True
         self.cycles_done += 1
         self.last_prune_kept = kept
         self.last_prune_total = total
 
-    def _prune_layer(self, li: int, layer: LoRALinear, cycle: int):
+    def _prune_layer(self, li: int, layer: LoRALinear, cycle: int, guard_sharded: Dict[Any, list]):
+        from . import distributed as D
         from . import ops
 
         kept = total = 0
@@ -292,7 +362,10 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
                 t = st[key]
                 if not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point():
                     continue
-                if self.prune == "random":
+                if D.is_dtensor(t):
+                    k = D.prune_sharded_(t, self.prune_ratio, mode=self.prune, seed=self.seed,
+                                         offset=prune_offset(li, j, cycle))
+                elif self.prune == "random":
                     k = ops.prune_(t, self.prune_ratio, mode="random", seed=self.seed,
                                   offset=prune_offset(li, j, cycle))
                 else:
@@ -301,7 +374,16 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
                 total += t.numel()
                 j += 1
             if self.prune_guard and self.prune != "reset":
-                kept -= self._guard_first_moment(st)
+                m = st.get("exp_avg")
+                if D.is_dtensor(m):
+                    _, group = D._shard_layout(m, "the optimizer state")
+                    zeroed = self._guard_first_moment({k: v.to_local() if D.is_dtensor(v) else v for k, v in st.items()})
+                    if group is None:
+                        kept -= zeroed
+                    else:
+                        guard_sharded.setdefault(id(group), (group, []))[1].append(zeroed)
+                else:
+                    kept -= self._guard_first_moment(st)
         return kept, total
 
     @staticmethod
