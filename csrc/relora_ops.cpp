@@ -20,6 +20,7 @@
 
 extern "C" {
 #include "kernels/merge.h"
+#include "kernels/philox.h"
 #include "kernels/prune.h"
 #include "kernels/reset.h"
 }
@@ -127,8 +128,8 @@ at::Tensor prune_cpu(const at::Tensor& x, double ratio, c10::string_view mode, i
 
 // ---------------------------------------------------------------------------------------------
 // Portable: the same semantics in ATen ops, for every device without a native kernel.
-// Philox words are bit-identical to the C kernels'; normals agree to within float rounding of
-// the device's log/cos/sin. Temporaries are chunked so that none is the size of W.
+// Philox words and normals are bit-identical to the C kernels' (normals: on devices whose fp32
+// ops round to nearest, as the C kernel's do). Temporaries are chunked so that none is the size of W.
 
 constexpr int64_t kMask32 = 0xffffffffLL;
 
@@ -158,20 +159,40 @@ at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t first, int64_t n
   return at::stack({c0, c1, c2, c3}, 1).reshape(-1).narrow(0, first - 4 * b0, n);
 }
 
-// Uniform in (0, 1] from the top 24 bits of each word, as float64 (philox_uniform_open0).
-at::Tensor uniform_open0(const at::Tensor& words) {
-  return (words.bitwise_right_shift(8) + 1).to(at::kDouble) * (1.0 / 16777216.0);
-}
-
-// Elements [first, first + n) of the N(0, 1) stream (seed, offset), as float64.
+// Elements [first, first + n) of the N(0, 1) stream (seed, offset), as float32: the fp32 Box-Muller
+// of philox.h, one op per fp32 operation of the C kernel and in the same order, so that the result is
+// bit-identical wherever each op rounds to nearest (integer steps are done in int64).
 at::Tensor normal_stream(uint64_t seed, uint64_t offset, int64_t first, int64_t n,
                          const at::Device& device) {
   const int64_t b0 = first / 4, b1 = (first + n - 1) / 4 + 1;
   at::Tensor w = philox_words(seed, offset, 4 * b0, 4 * (b1 - b0), device).view({-1, 2, 2});
-  at::Tensor u1 = uniform_open0(w.select(2, 0)), u2 = uniform_open0(w.select(2, 1));
-  at::Tensor radius = (-2.0 * u1.log()).sqrt(), angle = (2.0 * M_PI) * u2;
-  at::Tensor z = at::stack({radius * angle.cos(), radius * angle.sin()}, 2).reshape(-1);
-  return z.narrow(0, first - 4 * b0, n);
+  at::Tensor w0 = w.select(2, 0), w1 = w.select(2, 1);
+  // ln u(w0): u = 2^k (1 + f), then FreeBSD's logf polynomial
+  at::Tensor u = (w0.bitwise_right_shift(8) + 1).to(at::kFloat) * 0x1.0p-24f;
+  at::Tensor i = u.view(at::kInt).to(at::kLong) + 0x004AFB0D;
+  at::Tensor k = (i.bitwise_right_shift(23) - 127).to(at::kFloat);
+  at::Tensor f = (i.bitwise_and(0x7FFFFF) + 0x3F3504F3).to(at::kInt).view(at::kFloat) - 1.0f;
+  at::Tensor s = f / (f + 2.0f);
+  at::Tensor z = s * s, ww = z * z;
+  at::Tensor R = z * (ww * PHILOX_L3 + PHILOX_L1) + ww * (ww * PHILOX_L4 + PHILOX_L2);
+  at::Tensor h = f * 0.5f * f;
+  at::Tensor ln = s * (h + R) + k * PHILOX_LN2_LO - h + f + k * PHILOX_LN2_HI;
+  // sqrt in double, then rounded: correctly rounded like the C kernel's (torch's fp32 CPU sqrt is
+  // not always: it can be 1 ulp off).
+  at::Tensor radius = (ln * -2.0f).to(at::kDouble).sqrt().to(at::kFloat);
+  // (cos, sin) of 2 pi u(w1) = (q + g) pi/2, reduced exactly in integers
+  at::Tensor j = w1.bitwise_right_shift(8) + 1;
+  at::Tensor q = (j + (1 << 21)).bitwise_right_shift(22);
+  at::Tensor g = (j - q * (1 << 22)).to(at::kFloat) * 0x1.0p-22f;
+  at::Tensor x = g * g;
+  at::Tensor sg = g * (x * (x * (x * PHILOX_S7 + PHILOX_S5) + PHILOX_S3) + PHILOX_S1);
+  at::Tensor cg = x * (x * (x * (x * PHILOX_C8 + PHILOX_C6) + PHILOX_C4) + PHILOX_C2) + 1.0f;
+  at::Tensor quad = q.bitwise_and(3), odd = quad.bitwise_and(1).to(at::kBool);
+  at::Tensor cr = at::where(odd, sg, cg), sr = at::where(odd, cg, sg);
+  at::Tensor cos_t = at::where(quad.eq(1) | quad.eq(2), -cr, cr);
+  at::Tensor sin_t = at::where(quad.ge(2), -sr, sr);
+  at::Tensor zz = at::stack({radius * cos_t, radius * sin_t}, 2).reshape(-1);
+  return zz.narrow(0, first - 4 * b0, n);
 }
 
 // Round fp32 values `v` into `dtype` stochastically with the Philox words `words` (same shape).

@@ -154,4 +154,12 @@ void philox_blocks16(uint64_t seed, uint64_t offset, uint64_t block0, uint32_t o
 /* out[j] = word (first + j) of stream (seed, offset), j < count: element e uses word e%4 of block e/4. */
 void philox_words(uint64_t seed, uint64_t offset, uint64_t first, int64_t count, uint32_t *out);
 
+/* out[j] = normal j of the 64 that blocks block0 .. block0+15 give (philox.h), j < 64. */
+void philox_normals64(uint64_t seed, uint64_t offset, uint64_t block0, float out[64]);
+
+/* The fp32 pieces of the Box-Muller transform, exposed for the tests: ln(x) for x in [2^-24, 1], and
+ * (cos, sin) of 2 pi j 2^-24 for j in [1, 2^24]. */
+float philox_log_f32(float x);
+void philox_sincos_turn24(uint32_t j, float *c, float *s);
+
 #endif

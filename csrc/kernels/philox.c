@@ -2,8 +2,21 @@
  * Philox4x32-10 (Salmon, Moraes, Dror, Shaw: "Parallel random numbers: as easy as 1, 2, 3", SC'11),
  * identical to Random123's philox4x32_R(10, ctr, key), and the Box-Muller transform used by reset.
  * See philox.h for the exact conventions (they are what a pure-PyTorch port must reproduce).
+ *
+ * The transform is plain fp32 arithmetic in a fixed order: no libm, and no contraction into FMA (that
+ * would change the last bits from one compiler or machine to the next). sqrtf is IEEE (correctly
+ * rounded); errno is never needed (its argument is >= 0), and not asking for it lets it vectorise.
  */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off", "no-math-errno")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 #include <math.h>
+#if defined(__AVX512F__) && !defined(RELORA_NO_INTRINSICS)
+#include <immintrin.h>
+#endif
 
 #include "philox.h"
 #include "internal.h"
@@ -30,11 +43,11 @@ philox_u32x4 philox_block(uint64_t seed, uint64_t offset, uint64_t block)
     return out;
 }
 
-/* Blocks block0 .. block0+15 at once (a loop over 16 lanes that compilers vectorise): out[4*l + w] is
- * word w of block block0 + l, i.e. the words of elements 4*block0 .. 4*block0 + 63 in order. */
-void philox_blocks16(uint64_t seed, uint64_t offset, uint64_t block0, uint32_t out[64])
+/* Words of blocks block0 .. block0+15 as four lane arrays: c0[l] .. c3[l] = words 0..3 of block0 + l.
+ * A loop over 16 lanes that compilers vectorise (the 32x32 -> 64 products map to vpmuludq). */
+static inline void philox_lanes16(uint64_t seed, uint64_t offset, uint64_t block0,
+                                  uint32_t c0[16], uint32_t c1[16], uint32_t c2[16], uint32_t c3[16])
 {
-    uint32_t c0[16], c1[16], c2[16], c3[16];
     for (int l = 0; l < 16; l++) {
         uint64_t b = block0 + (uint64_t)l;
         c0[l] = (uint32_t)b; c1[l] = (uint32_t)(b >> 32);
@@ -52,6 +65,13 @@ void philox_blocks16(uint64_t seed, uint64_t offset, uint64_t block0, uint32_t o
             c0[l] = n0; c1[l] = (uint32_t)p1; c2[l] = n2; c3[l] = (uint32_t)p0;
         }
     }
+}
+
+/* out[4*l + w] is word w of block block0 + l, i.e. the words of elements 4*block0 .. 4*block0 + 63. */
+void philox_blocks16(uint64_t seed, uint64_t offset, uint64_t block0, uint32_t out[64])
+{
+    uint32_t c0[16], c1[16], c2[16], c3[16];
+    philox_lanes16(seed, offset, block0, c0, c1, c2, c3);
     for (int l = 0; l < 16; l++) {
         out[4 * l + 0] = c0[l]; out[4 * l + 1] = c1[l];
         out[4 * l + 2] = c2[l]; out[4 * l + 3] = c3[l];
@@ -75,18 +95,96 @@ void philox_words(uint64_t seed, uint64_t offset, uint64_t first, int64_t count,
     }
 }
 
-float philox_uniform_open0(uint32_t word)
+/* (static inline: the exported functions of a -fPIC build may be interposed, so calls to them are
+ * neither inlined nor vectorised) */
+static inline float uniform_open0(uint32_t word) { return (float)((word >> 8) + 1u) * 0x1.0p-24f; }
+
+float philox_uniform_open0(uint32_t word) { return uniform_open0(word); }
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Box-Muller in fp32 */
+
+/* ln(x) for a normal fp32 x > 0 (here x in [2^-24, 1]). FreeBSD's e_logf.c reduction and polynomial
+ * (max error 0.83 ulp over all 2^24 uniforms): x = 2^k m with m in [sqrt(2)/2, sqrt(2)), f = m - 1
+ * (exact), s = f / (2 + f), ln(1 + f) = f - f^2/2 + s (f^2/2 + R(s^2)). */
+static inline float log_f32(float x)
 {
-    return (float)((word >> 8) + 1u) * 0x1.0p-24f;
+    const float L1 = PHILOX_L1, L2 = PHILOX_L2, L3 = PHILOX_L3, L4 = PHILOX_L4;
+    const float LN2_HI = PHILOX_LN2_HI, LN2_LO = PHILOX_LN2_LO; /* k * LN2_HI is exact */
+    uint32_t i = f32_bits(x) + (0x3F800000u - 0x3F3504F3u);
+    const int32_t k = (int32_t)(i >> 23) - 127;
+    const float f = f32_from_bits((i & 0x007FFFFFu) + 0x3F3504F3u) - 1.0f;
+    const float s = f / (2.0f + f);
+    const float z = s * s, w = z * z;
+    const float R = z * (L1 + w * L3) + w * (L2 + w * L4);
+    const float h = 0.5f * f * f;
+    const float dk = (float)k;
+    return s * (h + R) + dk * LN2_LO - h + f + dk * LN2_HI;
+}
+
+/* (cos, sin) of 2 pi j 2^-24 for j in [1, 2^24]. The reduction is exact, in integers: q = nearest
+ * quarter turn, g = the rest in quarter turns, in [-1/2, 1/2]; then minimax polynomials in g for
+ * sin(g pi/2) and cos(g pi/2) (max error 1.7 and 1.3 ulp), and an exact rotation by q quarter turns. */
+static inline void sincos_turn24(uint32_t j, float *c, float *s)
+{
+    const float S1 = PHILOX_S1, S3 = PHILOX_S3, S5 = PHILOX_S5, S7 = PHILOX_S7;
+    const float C2 = PHILOX_C2, C4 = PHILOX_C4, C6 = PHILOX_C6, C8 = PHILOX_C8;
+    const uint32_t q = (j + (1u << 21)) >> 22;
+    const float g = (float)((int32_t)j - (int32_t)(q << 22)) * 0x1.0p-22f;
+    const float x = g * g;
+    const float sg = g * (S1 + x * (S3 + x * (S5 + x * S7)));
+    const float cg = 1.0f + x * (C2 + x * (C4 + x * (C6 + x * C8)));
+    const uint32_t quad = q & 3u;
+    const float cr = (quad & 1u) ? sg : cg, sr = (quad & 1u) ? cg : sg; /* swap on odd quadrants */
+    *c = (quad == 1u || quad == 2u) ? -cr : cr;
+    *s = (quad >= 2u) ? -sr : sr;
+}
+
+/* The pair of normals from words (w0, w1), split in its three steps so that the bulk version below can
+ * run the first and last on 16 lanes: y = -2 ln u(w0) and the unit vector (c, s); r = sqrt(y) (a libm
+ * call, which gcc does not vectorise unless errno is off for the whole build); (r c, r s). */
+static inline float radius2_f32(uint32_t w0) { return -2.0f * log_f32(uniform_open0(w0)); }
+
+static inline void normal_pair_f32(uint32_t w0, uint32_t w1, float *z0, float *z1)
+{
+    const float r = sqrtf(radius2_f32(w0));
+    float c, s;
+    sincos_turn24((w1 >> 8) + 1u, &c, &s);
+    *z0 = r * c;
+    *z1 = r * s;
 }
 
 void philox_normal_pair(float out[2], uint32_t word0, uint32_t word1)
 {
-    const double two_pi = 6.283185307179586476925286766559;
-    double u1 = (double)philox_uniform_open0(word0);
-    double u2 = (double)philox_uniform_open0(word1);
-    double r = sqrt(-2.0 * log(u1));
-    double t = two_pi * u2;
-    out[0] = (float)(r * cos(t));
-    out[1] = (float)(r * sin(t));
+    normal_pair_f32(word0, word1, &out[0], &out[1]);
+}
+
+float philox_log_f32(float x) { return log_f32(x); }
+
+void philox_sincos_turn24(uint32_t j, float *c, float *s) { sincos_turn24(j, c, s); }
+
+/* The normals of elements 4*block0 .. 4*block0 + 63, in order (16 Philox blocks, 32 Box-Muller pairs). */
+void philox_normals64(uint64_t seed, uint64_t offset, uint64_t block0, float out[64])
+{
+    uint32_t c0[16], c1[16], c2[16], c3[16];
+    float y[32], r[32], cs[4][16];
+    philox_lanes16(seed, offset, block0, c0, c1, c2, c3);
+#pragma omp simd
+    for (int l = 0; l < 16; l++) {
+        y[l] = radius2_f32(c0[l]);
+        y[16 + l] = radius2_f32(c2[l]);
+        sincos_turn24((c1[l] >> 8) + 1u, &cs[0][l], &cs[1][l]);
+        sincos_turn24((c3[l] >> 8) + 1u, &cs[2][l], &cs[3][l]);
+    }
+#if defined(__AVX512F__) && !defined(RELORA_NO_INTRINSICS)
+    /* the same IEEE square roots, 16 at a time */
+    _mm512_storeu_ps(r, _mm512_sqrt_ps(_mm512_loadu_ps(y)));
+    _mm512_storeu_ps(r + 16, _mm512_sqrt_ps(_mm512_loadu_ps(y + 16)));
+#else
+    for (int l = 0; l < 32; l++) r[l] = sqrtf(y[l]);
+#endif
+    for (int l = 0; l < 16; l++) {
+        out[4 * l + 0] = r[l] * cs[0][l]; out[4 * l + 1] = r[l] * cs[1][l];
+        out[4 * l + 2] = r[16 + l] * cs[2][l]; out[4 * l + 3] = r[16 + l] * cs[3][l];
+    }
 }

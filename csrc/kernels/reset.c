@@ -10,7 +10,7 @@
 #include "philox.h"
 #include "internal.h"
 
-#define GROUP 64 /* elements per philox_blocks16 call */
+#define GROUP 64 /* elements per philox_normals64 call */
 
 static relora_status check_flat(const void *x, relora_dtype dtype, int64_t n)
 {
@@ -26,10 +26,8 @@ static int std_valid(float std) { return isfinite(std) && std >= 0.0f; }
 static void normal_group(void *x, relora_dtype dtype, int64_t g, int count, float std,
                          uint64_t seed, uint64_t offset)
 {
-    uint32_t w[GROUP];
     float z[GROUP];
-    philox_blocks16(seed, offset, (uint64_t)g * (GROUP / 4), w);
-    for (int p = 0; p < GROUP; p += 2) philox_normal_pair(z + p, w[p], w[p + 1]);
+    philox_normals64(seed, offset, (uint64_t)g * (GROUP / 4), z);
     int64_t e0 = g * GROUP;
     switch (dtype) {
     case RELORA_F32: {
@@ -56,7 +54,7 @@ static void normal_fill_unchecked(void *x, relora_dtype dtype, int64_t n, float 
     const int64_t ngroups = (n + GROUP - 1) / GROUP;
     const int nt = relora_threads(nthreads);
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (ngroups > 64)
+#pragma omp parallel for schedule(static) num_threads(nt) if (ngroups > 512) /* ~50 us of work */
     for (int64_t g = 0; g < ngroups; g++) {
         int64_t left = n - g * GROUP;
         normal_group(x, dtype, g, left < GROUP ? (int)left : GROUP, std, seed, offset);

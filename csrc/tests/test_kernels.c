@@ -157,6 +157,51 @@ static void test_philox(void)
     printf("philox: 3 KAT vectors, bulk words, mismatches %d\n", bad);
 }
 
+/* |got - ref| in units of the fp32 ulp at ref, with |ref| below 2^-24 counted as 2^-24: the exact
+ * zeros of cos and sin come out of double libm as ~1e-16 (the nonzero values here are above 2^-22). */
+static double ulps32(float got, double ref)
+{
+    double a = fabs(ref) < 0x1.0p-24 ? 0x1.0p-24 : fabs(ref);
+    return fabs((double)got - ref) / ldexp(1.0, ilogb(a) - 23);
+}
+
+/* The fp32 pieces of Box-Muller against double libm, on every input they can get (2^24 each). */
+static void test_box_muller(void)
+{
+    double worst_log = 0, worst_cos = 0, worst_sin = 0;
+    for (uint32_t j = 1; j <= (1u << 24); j++) {
+        const float u = (float)j * 0x1.0p-24f;
+        double e = ulps32(philox_log_f32(u), log((double)u));
+        if (!(e <= worst_log)) worst_log = e;
+        float c, s;
+        philox_sincos_turn24(j, &c, &s);
+        const double t = 6.283185307179586476925286766559 * ((double)j * 0x1.0p-24);
+        e = ulps32(c, cos(t));
+        if (!(e <= worst_cos)) worst_cos = e;
+        e = ulps32(s, sin(t));
+        if (!(e <= worst_sin)) worst_sin = e;
+    }
+    printf("box-muller fp32: max error over all 2^24 inputs: log %.3f ulp, cos %.3f ulp, sin %.3f ulp\n",
+           worst_log, worst_cos, worst_sin);
+    CHECK(worst_log <= 1.0 && worst_cos <= 2.0 && worst_sin <= 2.0, "log/sincos above 1/2/2 ulp");
+    CHECK(philox_log_f32(1.0f) == 0.0f, "log(1) = %a", philox_log_f32(1.0f));
+    /* whole normals against the double formula of the same words */
+    double worst = 0;
+    for (int it = 0; it < 2000000; it++) {
+        uint32_t w0 = (uint32_t)rng_u64(), w1 = (uint32_t)rng_u64();
+        if (it < 4096) w0 = (uint32_t)it << 8; /* the far tail: u = (it + 1) 2^-24 */
+        float z[2];
+        philox_normal_pair(z, w0, w1);
+        double r = sqrt(-2.0 * log((double)philox_uniform_open0(w0)));
+        double t = 6.283185307179586476925286766559 * (double)philox_uniform_open0(w1);
+        double e0 = ulps32(z[0], r * cos(t)), e1 = ulps32(z[1], r * sin(t));
+        if (!(e0 <= worst)) worst = e0;
+        if (!(e1 <= worst)) worst = e1;
+    }
+    printf("box-muller fp32: normals vs double formula, max error %.3f ulp\n", worst);
+    CHECK(worst <= 4.0, "normal pair above 4 ulp (%.3f)", worst);
+}
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* merge */
 
@@ -602,6 +647,7 @@ int main(void)
 {
     test_conversions();
     test_philox();
+    test_box_muller();
     test_merge_accuracy();
     test_merge_stochastic();
     test_merge_refusals();
