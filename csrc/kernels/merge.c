@@ -23,6 +23,13 @@
 
 #include <math.h>
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(RELORA_NO_INTRINSICS)
+#define MERGE_BF16_DP 1 /* bf16 A, B: AVX512-BF16 dot products (vdpbf16ps), see merge.h */
+#include <immintrin.h>
+#else
+#define MERGE_BF16_DP 0
+#endif
+
 #include "merge.h"
 #include "philox.h"
 #include "internal.h"
@@ -164,6 +171,71 @@ static inline void kernel_mrxnr(float *restrict c, const float *restrict bp, con
     }
 }
 
+#if MERGE_BF16_DP
+/* ---------------------------------------------------------------------------------------------------- */
+/* bf16 A and B: pairs of k multiplied and summed in one vdpbf16ps (products exact in fp32, sums in fp32),
+ * twice the k per instruction of the fp32 kernel. Packs hold raw bf16, k-pairs interleaved, zero past
+ * R (odd R), past the last column or row: one uint32 = (k = 2p in the low half, k = 2p+1 in the high). */
+
+/* ap[s*P*NR + p*NR + l] = (A[2p, j0+s*NR+l], A[2p+1, ...]), P = (R+1)/2 pairs */
+static void pack_a_bf16(uint32_t *restrict ap, const uint16_t *A, int64_t I, int64_t R, int64_t j0, int64_t nc)
+{
+    const int64_t ns = (nc + NR - 1) / NR, P = (R + 1) / 2;
+    for (int64_t s = 0; s < ns; s++) {
+        const int64_t c0 = j0 + s * NR;
+        const int64_t w = nc - s * NR < NR ? nc - s * NR : NR;
+        for (int64_t p = 0; p < P; p++) {
+            uint32_t *restrict d = ap + s * P * NR + p * NR;
+            const uint16_t *lo = A + 2 * p * I + c0, *hi = 2 * p + 1 < R ? lo + I : NULL;
+            for (int l = 0; l < NR; l++) {
+                const uint32_t a0 = l < w ? lo[l] : 0u, a1 = (l < w && hi) ? hi[l] : 0u;
+                d[l] = a0 | (a1 << 16);
+            }
+        }
+    }
+}
+
+/* bp[q*P*MR + p*MR + r] = (B[i0+q*MR+r, 2p], B[..., 2p+1]) */
+static void pack_b_bf16(uint32_t *restrict bp, const uint16_t *B, int64_t R, int64_t i0, int64_t mc)
+{
+    const int64_t nq = (mc + MR - 1) / MR, P = (R + 1) / 2;
+    for (int64_t q = 0; q < nq; q++)
+        for (int r = 0; r < MR; r++) {
+            const int64_t row = q * MR + r;
+            const uint16_t *b = B + (i0 + row) * R;
+            for (int64_t p = 0; p < P; p++) {
+                uint32_t v = 0;
+                if (row < mc) v = b[2 * p] | (2 * p + 1 < R ? (uint32_t)b[2 * p + 1] << 16 : 0u);
+                bp[q * P * MR + p * MR + r] = v;
+            }
+        }
+}
+
+/* c (MR, NR) = sum over pairs of bp[p, :]^T ap[p, :] */
+static inline void kernel_bf16(float *restrict c, const uint32_t *restrict bp, const uint32_t *restrict ap,
+                               int64_t P)
+{
+    __m512 acc[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) { acc[r][0] = _mm512_setzero_ps(); acc[r][1] = _mm512_setzero_ps(); }
+    for (int64_t p = 0; p < P; p++) {
+        const __m512bh a0 = (__m512bh)_mm512_loadu_si512(ap + p * NR);
+        const __m512bh a1 = (__m512bh)_mm512_loadu_si512(ap + p * NR + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)bp[p * MR + r]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a0, b);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a1, b);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+        _mm512_storeu_ps(c + r * NR, acc[r][0]);
+        _mm512_storeu_ps(c + r * NR + 16, acc[r][1]);
+    }
+}
+#endif
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* rounding into W */
 
@@ -245,6 +317,32 @@ static inline v16u v_f32_to_f16_sr(v16f x, v16u word)
     return (sr & ok) | (v_f32_to_f16(x) & ~ok);
 }
 
+#if MERGE_BF16_DP
+/* o[0..NR) = round(o + scale * c) for a bf16 W with vcvtne2ps2bf16: round to nearest even like
+ * f32_to_bf16, NaN quieted the same way, but fp32 subnormals flushed to zero; a segment holding one
+ * (|x| < 2^-126, x != 0: rare) takes the scalar conversion instead, so the result is the same. */
+static inline void apply_bf16_nearest_avx(uint16_t *o, const float *c, float scale)
+{
+    const __m512i w = _mm512_loadu_si512(o);
+    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+    const __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
+    const __m512 sv = _mm512_set1_ps(scale);
+    const __m512 x0 = _mm512_fmadd_ps(sv, _mm512_loadu_ps(c), w0);
+    const __m512 x1 = _mm512_fmadd_ps(sv, _mm512_loadu_ps(c + 16), w1);
+    const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF), one = _mm512_set1_epi32(1), lim = _mm512_set1_epi32(0x007FFFFF);
+    const __mmask16 sub0 = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(_mm512_and_si512(_mm512_castps_si512(x0), abs), one), lim);
+    const __mmask16 sub1 = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(_mm512_and_si512(_mm512_castps_si512(x1), abs), one), lim);
+    if (sub0 | sub1) {
+        float x[NR];
+        _mm512_storeu_ps(x, x0);
+        _mm512_storeu_ps(x + 16, x1);
+        for (int j = 0; j < NR; j++) o[j] = f32_to_bf16(x[j]);
+        return;
+    }
+    _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+}
+#endif
+
 /* W row segment w[0..n) += scale * c[0..n), rounded; words[j] is the Philox word of element j (SR). */
 static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c, float scale,
                       int stochastic, const uint32_t *restrict words)
@@ -263,7 +361,11 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
         uint16_t *restrict o = (uint16_t *)w;
         if (!stochastic) {
             if (n == NR) {
+#if MERGE_BF16_DP
+                apply_bf16_nearest_avx(o, c, scale);
+#else
                 for (int j = 0; j < NR; j++) o[j] = f32_to_bf16(bf16_to_f32(o[j]) + scale * c[j]);
+#endif
             } else {
                 for (int j = 0; j < n; j++) o[j] = f32_to_bf16(bf16_to_f32(o[j]) + scale * c[j]);
             }
@@ -300,6 +402,35 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
 
 /* ---------------------------------------------------------------------------------------------------- */
 
+/* The bf16 dot-product path through the fp32 path's buffers (no-ops where it is not compiled). */
+static inline void pack_a_dp(float *ap, const void *A, int64_t I, int64_t R, int64_t j0, int64_t nc)
+{
+#if MERGE_BF16_DP
+    pack_a_bf16((uint32_t *)ap, (const uint16_t *)A, I, R, j0, nc);
+#else
+    (void)ap; (void)A; (void)I; (void)R; (void)j0; (void)nc;
+#endif
+}
+
+static inline void pack_b_dp(float *bp, const void *B, int64_t R, int64_t i0, int64_t mc)
+{
+#if MERGE_BF16_DP
+    pack_b_bf16((uint32_t *)bp, (const uint16_t *)B, R, i0, mc);
+#else
+    (void)bp; (void)B; (void)R; (void)i0; (void)mc;
+#endif
+}
+
+static inline void kernel_dp(float *ct, const float *bp, const float *ap, int64_t R, int64_t q, int64_t s)
+{
+#if MERGE_BF16_DP
+    const int64_t P = (R + 1) / 2;
+    kernel_bf16(ct, (const uint32_t *)bp + q * P * MR, (const uint32_t *)ap + s * P * NR, P);
+#else
+    (void)ct; (void)bp; (void)ap; (void)R; (void)q; (void)s;
+#endif
+}
+
 relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
                          const void *B, const void *A, relora_dtype adtype,
                          int64_t O, int64_t I, int64_t R,
@@ -333,6 +464,7 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
     const int64_t ntiles = n_ic * n_jc;
     const int stochastic = rounding == RELORA_ROUND_STOCHASTIC && wdtype != RELORA_F32;
     const int nthr = ntiles < nt ? (int)ntiles : nt;
+    const int dp = MERGE_BF16_DP && adtype == RELORA_BF16; /* packs hold bf16 pairs (fit in the fp32 sizes) */
 
     /* per-thread packs: A panel (R, nc), B block (MC, R), SR words (MR, nc) */
     const size_t a_floats = (size_t)(R * nc), b_floats = (size_t)(MC * R);
@@ -356,8 +488,13 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
             const int64_t j0 = jci * nc, i0 = ici * MC;
             const int64_t ncw = I - j0 < nc ? I - j0 : nc;
             const int64_t mc = O - i0 < MC ? O - i0 : MC;
-            if (packed_jc != jci) { pack_a(ap, A, adtype, I, R, j0, ncw); packed_jc = jci; }
-            pack_b(bp, B, adtype, R, i0, mc);
+            if (packed_jc != jci) {
+                if (dp) pack_a_dp(ap, A, I, R, j0, ncw);
+                else pack_a(ap, A, adtype, I, R, j0, ncw);
+                packed_jc = jci;
+            }
+            if (dp) pack_b_dp(bp, B, R, i0, mc);
+            else pack_b(bp, B, adtype, R, i0, mc);
             const int64_t nq = (mc + MR - 1) / MR, ns = (ncw + NR - 1) / NR;
             for (int64_t q = 0; q < nq; q++) {
                 const int64_t mr = mc - q * MR < MR ? mc - q * MR : MR;
@@ -367,7 +504,8 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
                                      ncw, words + r * nc);
                 for (int64_t s = 0; s < ns; s++) {
                     const int nr = ncw - s * NR < NR ? (int)(ncw - s * NR) : NR;
-                    kernel_mrxnr(ct, bp + q * R * MR, ap + s * R * NR, R);
+                    if (dp) kernel_dp(ct, bp, ap, R, q, s);
+                    else kernel_mrxnr(ct, bp + q * R * MR, ap + s * R * NR, R);
                     for (int64_t r = 0; r < mr; r++) {
                         const int64_t i = i0 + q * MR + r;
                         char *wrow = (char *)W + (i * ldw + j0 + s * NR) * wes;

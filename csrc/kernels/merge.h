@@ -18,6 +18,14 @@
  *           fraction); fp16 W: with lo <= |x| <= hi the neighbouring fp16 magnitudes, take hi iff
  *           w < p * 2^32 where p = (|x| - lo) / (hi - lo); sign copied from x.
  *   NaN stays NaN; a finite x never becomes Inf unless round-to-nearest would (then nearest is used).
+ * Fast path (builds for a CPU with AVX512-BF16, i.e. __AVX512BF16__ and __AVX512F__ defined, unless
+ * RELORA_NO_INTRINSICS is defined; the C tests run both builds): with bf16 A and B the sums use vdpbf16ps,
+ * two k per instruction. bf16 x bf16 products are exact in fp32 and the sums are fp32 adds rounded to
+ * nearest even, so the contract above holds, with one difference at the edge of the range: vdpbf16ps
+ * ignores MXCSR and works with DAZ/FTZ, i.e. bf16 subnormals in A or B (|x| < 2^-126) count as zero
+ * and partial sums below 2^-126 are flushed to zero (an absolute error below 2^-126 * R per element).
+ * A bf16 W rounded to nearest uses vcvtne2ps2bf16 (RNE, also FTZ): segments whose fp32 result is
+ * subnormal fall back to the scalar rounding, so W's rounding is exactly round-to-nearest-even.
  * Aliasing: W must not overlap A or B (checked: RELORA_ERR_ARG). O, I >= 0 and R >= 1 (R = 0 is
  * RELORA_ERR_ARG); ldw >= I; scale must be finite (else RELORA_ERR_ARG). Pointers may be NULL where the
  * matching tensor is empty.
