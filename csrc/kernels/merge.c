@@ -318,12 +318,11 @@ static inline v16u v_f32_to_f16_sr(v16f x, v16u word)
 }
 
 #if MERGE_BF16_DP
-/* o[0..NR) = round(o + scale * c) for a bf16 W with vcvtne2ps2bf16: round to nearest even like
+/* o[0..NR) = round(w + scale * c), w = o[0..NR) as loaded, for a bf16 W with vcvtne2ps2bf16: round to nearest even like
  * f32_to_bf16, NaN quieted the same way, but fp32 subnormals flushed to zero; a segment holding one
  * (|x| < 2^-126, x != 0: rare) takes the scalar conversion instead, so the result is the same. */
-static inline void apply_bf16_nearest_avx(uint16_t *o, const float *c, float scale)
+static inline void apply_bf16_nearest_avx(uint16_t *o, __m512i w, const float *c, float scale)
 {
-    const __m512i w = _mm512_loadu_si512(o);
     const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
     const __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
     const __m512 sv = _mm512_set1_ps(scale);
@@ -362,7 +361,7 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
         if (!stochastic) {
             if (n == NR) {
 #if MERGE_BF16_DP
-                apply_bf16_nearest_avx(o, c, scale);
+                apply_bf16_nearest_avx(o, _mm512_loadu_si512(o), c, scale);
 #else
                 for (int j = 0; j < NR; j++) o[j] = f32_to_bf16(bf16_to_f32(o[j]) + scale * c[j]);
 #endif
@@ -398,6 +397,44 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
         break;
     }
     }
+}
+
+/* A full (MR, NR) tile of W += scale * c rounded to nearest, for fp32 and bf16 W (returns 0 for other
+ * dtypes: the caller goes row by row). All of the tile's W is loaded before any of it is stored: with a
+ * row stride that is a multiple of 4 KiB (4096 columns, common), a load issued after a store to another
+ * row at the same column aliases it in the store buffer's 4K check and waits ("4K aliasing"). */
+static inline int apply_tile(char *w, relora_dtype wdt, int64_t ldw, const float *restrict c, float scale)
+{
+    if (wdt == RELORA_F32) {
+        float *o = (float *)w;
+        v16f x[MR][2];
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            memcpy(&x[r][0], o + r * ldw, 64);
+            memcpy(&x[r][1], o + r * ldw + 16, 64);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            const v16f c0 = *(const v16f *)(c + r * NR), c1 = *(const v16f *)(c + r * NR + 16);
+            x[r][0] += scale * c0;
+            x[r][1] += scale * c1;
+            memcpy(o + r * ldw, &x[r][0], 64);
+            memcpy(o + r * ldw + 16, &x[r][1], 64);
+        }
+        return 1;
+    }
+#if MERGE_BF16_DP
+    if (wdt == RELORA_BF16) {
+        uint16_t *o = (uint16_t *)w;
+        __m512i x[MR];
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) x[r] = _mm512_loadu_si512(o + r * ldw);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) apply_bf16_nearest_avx(o + r * ldw, x[r], c + r * NR, scale);
+        return 1;
+    }
+#endif
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -506,6 +543,9 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
                     const int nr = ncw - s * NR < NR ? (int)(ncw - s * NR) : NR;
                     if (dp) kernel_dp(ct, bp, ap, R, q, s);
                     else kernel_mrxnr(ct, bp + q * R * MR, ap + s * R * NR, R);
+                    char *w0 = (char *)W + ((i0 + q * MR) * ldw + j0 + s * NR) * wes;
+                    if (mr == MR && nr == NR && !stochastic && apply_tile(w0, wdtype, ldw, ct, scale))
+                        continue;
                     for (int64_t r = 0; r < mr; r++) {
                         const int64_t i = i0 + q * MR + r;
                         char *wrow = (char *)W + (i * ldw + j0 + s * NR) * wes;
