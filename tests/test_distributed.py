@@ -234,7 +234,23 @@ def _fsdp_merge_and_prune(rank, out_dir):
     from relora_ext.distributed import merge_and_reset_sharded_, prune_sharded_
     from relora_ext.lora import lora_layers
 
+    from torch.distributed.fsdp import fully_shard
+
     report = {}
+
+    def merges_equal(model):
+        merge_ok = []
+        with torch.no_grad():
+            for li, (name, layer) in enumerate(lora_layers(model)):
+                W, A, B = (layer.weight.full_tensor(), layer.lora_A.full_tensor(), layer.lora_B.full_tensor())
+                assert bool(B.ne(0).any()), name
+                ops.merge_(W, A, B, layer.scaling)
+                ops.reset_(A, B, std=layer.init_std, seed=7, offset=li)
+                merge_and_reset_sharded_(layer, seed=7, offset=li)
+                merge_ok.append(all(torch.equal(_bits(got), _bits(want)) for got, want in
+                                    ((layer.weight, W), (layer.lora_A, A), (layer.lora_B, B))))
+        return merge_ok
+
     # merge: train 2 steps so that B != 0, then one sharded restart per layer vs the unsharded ops
     model = _fsdp_model()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -242,17 +258,19 @@ def _fsdp_merge_and_prune(rank, out_dir):
         lm_loss(model, _local_batch(ids, rank)).backward()
         opt.step()
         opt.zero_grad()
-    merge_ok = []
-    with torch.no_grad():
-        for li, (name, layer) in enumerate(lora_layers(model)):
-            W, A, B = (layer.weight.full_tensor(), layer.lora_A.full_tensor(), layer.lora_B.full_tensor())
-            assert bool(B.ne(0).any()), name
-            ops.merge_(W, A, B, layer.scaling)
-            ops.reset_(A, B, std=layer.init_std, seed=7, offset=li)
-            merge_and_reset_sharded_(layer, seed=7, offset=li)
-            merge_ok.append(all(torch.equal(_bits(got), _bits(want)) for got, want in
-                                ((layer.weight, W), (layer.lora_A, A), (layer.lora_B, B))))
-    report["merge"] = merge_ok
+    report["merge"] = merges_equal(model)
+    # uneven shards: out = 7 and 5 rows, r = 3 rows of A over 2 ranks
+    torch.manual_seed(0)
+    small = wrap(torch.nn.Sequential(torch.nn.Linear(10, 7), torch.nn.ReLU(), torch.nn.Linear(7, 5)), r=3,
+                 target_modules=["0", "2"])
+    fully_shard(small)
+    opt = torch.optim.AdamW([p for p in small.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        small(torch.randn(4, 10, generator=torch.Generator().manual_seed(rank))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert small[0].weight.to_local().shape[0] == (4 if rank == 0 else 3)
+    report["merge"] += merges_equal(small)
 
     # prune: global selection over uneven shards, ties, NaN, three dtypes, several ratios, both modes
     mesh = init_device_mesh("cpu", (WORLD,))
