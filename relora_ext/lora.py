@@ -69,6 +69,73 @@ def _check_float(name: str, value, where: str, *, lo: float, hi: float = math.in
     return v
 
 
+class _LoRALinearFn(torch.autograd.Function):
+    """``y = x Wᵀ + b + s (x Aᵀ) Bᵀ`` on 2-D ``x`` ``(N, in)``, fused for time and memory.
+
+    Forward: ``h = x Aᵀ`` ``(N, r)``; ``y = addmm(b, x, Wᵀ)``; ``y += s h Bᵀ`` in place (no ``(N, out)``
+    temporary, no separate scale or add pass). Saves ``x`` and ``h`` (plus the parameters, which are not
+    activations). Backward, with ``G = ∂L/∂y``: ``∂x = G W + s (G B) A`` (accumulated in place),
+    ``∂A = s (G B)ᵀ x``, ``∂B = s Gᵀ h``, ``∂b = Σ_n G``, and ``∂W = Gᵀ x`` only if ``W`` requires grad.
+    Under ``create_graph=True`` the backward is written with out-of-place ops and recomputes ``h`` from
+    ``x`` and ``A`` so that it is itself differentiable (double backward, ``gradgradcheck``).
+    All inputs must share one dtype: :func:`_lora_linear` applies autocast's casts before calling it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling: float):
+        h = x.mm(A.t())
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x.mm(weight.t())
+        y.addmm_(h, B.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, A, B, h)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, A, B, h = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_w, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        gx = gw = gb = gA = gB = None
+        if torch.is_grad_enabled():  # double backward: differentiable, h recomputed from its inputs
+            gBm = g.mm(B)
+            if need_x:
+                gx = g.mm(weight) + s * gBm.mm(A)
+            if need_A:
+                gA = s * gBm.t().mm(x)
+            if need_B:
+                gB = s * g.t().mm(x.mm(A.t()))
+        else:
+            gBm = g.mm(B) if (need_x or need_A) else None
+            if need_x:
+                gx = g.mm(weight)
+                gx.addmm_(gBm, A, alpha=s)
+            if need_A:
+                gA = torch.addmm(A, gBm.t(), x, beta=0, alpha=s)
+            if need_B:
+                gB = torch.addmm(B, g.t(), h, beta=0, alpha=s)
+        if need_w:
+            gw = g.t().mm(x)
+        if need_b:
+            gb = g.sum(0)
+        return gx, gw, gb, gA, gB, None
+
+
+def _lora_linear(x, weight, bias, A, B, scaling: float):
+    """``x`` ``(*, in)`` -> ``(*, out)`` through :class:`_LoRALinearFn`, with autocast's casts applied here."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+
+        def cast(t):  # like autocast: floating tensors other than float64 go to the autocast dtype
+            return t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+        with torch.autocast(dev, enabled=False):
+            return _lora_linear(cast(x), cast(weight), cast(bias), cast(A), cast(B), scaling)
+    lead = x.shape[:-1]
+    y = _LoRALinearFn.apply(x.reshape(math.prod(lead), x.shape[-1]), weight, bias, A, B, scaling)
+    return y.view(*lead, y.shape[-1])
+
+
 class LoRALinear(nn.Module):
     r"""A drop-in :class:`torch.nn.Linear` with a frozen weight and a trainable low-rank update.
 
@@ -216,12 +283,19 @@ class LoRALinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(*, in_features)`` -> ``(*, out_features)``."""
-        h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
-        lora = F.linear(F.linear(h, self.lora_A), self.lora_B)
-        if self.scaling != 1.0:
-            lora = lora * self.scaling
-        return F.linear(x, self.weight, self.bias) + lora
+        """``x`` ``(*, in_features)`` -> ``(*, out_features)``.
+
+        Without dropout (or in eval mode) this runs :class:`_LoRALinearFn`, which writes the adapter's
+        product into the frozen path's output in place and saves only ``x`` and ``x Aᵀ`` for backward;
+        with dropout in training it is the plain composition of :func:`torch.nn.functional.linear`.
+        """
+        if self.dropout > 0 and self.training:
+            h = F.dropout(x, self.dropout, True)
+            lora = F.linear(F.linear(h, self.lora_A), self.lora_B)
+            if self.scaling != 1.0:
+                lora = lora * self.scaling
+            return F.linear(x, self.weight, self.bias) + lora
+        return _lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
