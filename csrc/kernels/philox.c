@@ -44,27 +44,50 @@ philox_u32x4 philox_block(uint64_t seed, uint64_t offset, uint64_t block)
 }
 
 /* Words of blocks block0 .. block0+15 as four lane arrays: c0[l] .. c3[l] = words 0..3 of block0 + l.
- * A loop over 16 lanes that compilers vectorise (the 32x32 -> 64 products map to vpmuludq). */
+ * GNU C vectors of 16 lanes: each 32x32 -> 64 product is done on the even and the odd lanes seen as 8
+ * uint64 ((x & 0xFFFFFFFF) * m, which compilers map to vpmuludq / pmuludq), then the halves are put back
+ * in place; no widening of the lanes and no shuffles. */
+typedef uint32_t v16u32 __attribute__((vector_size(64)));
+typedef uint64_t v8u64 __attribute__((vector_size(64)));
+
+/* (hi, lo) 32-bit halves of m * x on 16 lanes */
+static inline void mulhilo16(uint32_t m, v16u32 x, v16u32 *hi, v16u32 *lo)
+{
+    const v8u64 lo32 = (v8u64){0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu,
+                               0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
+    const v8u64 x64 = (v8u64)x;
+#if defined(__AVX512F__) && !defined(RELORA_NO_INTRINSICS)
+    /* gcc 12 turns the generic form into vpmullq (64x64, slower); ask for vpmuludq */
+    const __m512i mv = _mm512_set1_epi64((long long)m);
+    const v8u64 pe = (v8u64)_mm512_mul_epu32((__m512i)x64, mv);
+    const v8u64 po = (v8u64)_mm512_mul_epu32(_mm512_srli_epi64((__m512i)x64, 32), mv);
+#else
+    const v8u64 pe = (x64 & lo32) * (uint64_t)m;  /* products of the even lanes */
+    const v8u64 po = (x64 >> 32) * (uint64_t)m;   /* and of the odd lanes */
+#endif
+    *hi = (v16u32)((pe >> 32) | (po & ~lo32));
+    *lo = (v16u32)((pe & lo32) | (po << 32));
+}
+
 static inline void philox_lanes16(uint64_t seed, uint64_t offset, uint64_t block0,
                                   uint32_t c0[16], uint32_t c1[16], uint32_t c2[16], uint32_t c3[16])
 {
+    v16u32 x0, x1, x2, x3;
     for (int l = 0; l < 16; l++) {
         uint64_t b = block0 + (uint64_t)l;
-        c0[l] = (uint32_t)b; c1[l] = (uint32_t)(b >> 32);
-        c2[l] = (uint32_t)offset; c3[l] = (uint32_t)(offset >> 32);
+        x0[l] = (uint32_t)b; x1[l] = (uint32_t)(b >> 32);
+        x2[l] = (uint32_t)offset; x3[l] = (uint32_t)(offset >> 32);
     }
     uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     for (int r = 0; r < 10; r++) {
         if (r > 0) { k0 += PHILOX_W0; k1 += PHILOX_W1; }
-#pragma omp simd
-        for (int l = 0; l < 16; l++) {
-            uint64_t p0 = (uint64_t)PHILOX_M0 * c0[l];
-            uint64_t p1 = (uint64_t)PHILOX_M1 * c2[l];
-            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[l] ^ k0;
-            uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3[l] ^ k1;
-            c0[l] = n0; c1[l] = (uint32_t)p1; c2[l] = n2; c3[l] = (uint32_t)p0;
-        }
+        v16u32 hi0, lo0, hi1, lo1;
+        mulhilo16(PHILOX_M0, x0, &hi0, &lo0);
+        mulhilo16(PHILOX_M1, x2, &hi1, &lo1);
+        x0 = hi1 ^ x1 ^ k0; x1 = lo1;
+        x2 = hi0 ^ x3 ^ k1; x3 = lo0;
     }
+    memcpy(c0, &x0, 64); memcpy(c1, &x1, 64); memcpy(c2, &x2, 64); memcpy(c3, &x3, 64);
 }
 
 /* out[4*l + w] is word w of block block0 + l, i.e. the words of elements 4*block0 .. 4*block0 + 63. */
