@@ -141,7 +141,7 @@ def main():
     n_adapter = sum(layer.lora_A.numel() + layer.lora_B.numel() for _, layer in lora_layers(model))
     n_frozen = sum(layer.weight.numel() for _, layer in lora_layers(model))
     rows = []
-    for T in sorted({args.reset_every, 100, 1000}):
+    for T in sorted({args.reset_every, a.reset_every, 100, 1000}):  # a.reset_every: the demo's 50
         share = med["cycle"] / (T * med["step"] + med["cycle"])
         rows.append([T, f"{med['step'] * 1e3:.1f}", f"{med['cycle'] * 1e3:.2f}",
                      f"{med['merge+reset'] * 1e3:.2f}", f"{(med['cycle'] - med['merge+reset']) * 1e3:.2f}",
