@@ -207,6 +207,20 @@ def bench(sizes, ranks, dtypes, tokens, repeats, rss_max_d, plain_max_d, threads
     return head, rows
 
 
+NOTES = (
+    "What bounds the ratios (GEMM work in units of T·d multiply-adds, in = out = d): a LoRA layer, ours or "
+    "PEFT's, runs the two frozen-weight products `x Wᵀ` and `G W` (2d) plus six rank-r products `x Aᵀ`, "
+    "`h Bᵀ`, `G B`, `(G B) A`, `(G B)ᵀ x`, `Gᵀ h` (6r); full rank runs three d-products (3d, adding "
+    "`∂W = Gᵀ x`). So (1) ours/peft can only shrink the non-GEMM part (the T×out temporary, the scale and "
+    "add passes, the autograd sum of the two ∂x branches): at r = 8 the two frozen-weight GEMMs are 98-99% of the flops of both, "
+    "so 0.90 would need PEFT to spend over 10% of its time outside them (ours/plain measures what "
+    "removing that part gains) — no formulation that still computes `x Wᵀ` and `G W` gets there; (2) ours/full ≥ "
+    "(2d + 6r)/(3d) = 0.917 at r = d/8 and, even with `x (W + s B A)ᵀ` folding (which loses small updates "
+    "in bf16 weights), ≥ (2d + 4r)/(3d) = 0.833: the 0.80 goal cannot hold at r = in/8 (d = 1024, r = 128) "
+    "when GEMMs run at equal speed; it is met at the smaller ratios r/d.\n"
+)
+
+
 def table(head, rows) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
@@ -283,12 +297,12 @@ def main():
         "backward. ours = `LoRALinear` (fused `_LoRALinearFn`); plain = the same layer through the unfused "
         "`F.linear(x, W) + F.linear(F.linear(x, A), B)` (the forward before the fused Function); "
         "peft = `peft.tuners.lora.Linear` around an `nn.Linear`, base frozen; full = `nn.Linear` trained "
-        "full rank ('-' for plain: not timed there, see `--plain-max-d`). Median of {args.repeats} repeats after a warm-up (on 256 tokens), all methods of one (dtype, d) "
+        f"full rank ('-' for plain: not timed there, see `--plain-max-d`). Median of {args.repeats} repeats after a warm-up (on 256 tokens), all methods of one (dtype, d) "
         "interleaved in one process. The CPU is shared with other jobs: the ratios, measured side by side, "
         "are the figures that count; absolute times are context. Saved MiB: unique storages autograd keeps "
         "for backward (input x included, parameters excluded). Peak RSS: extra VmHWM of one fwd+bwd in a "
         "fresh process (includes grad x and parameter grads; '-' = not measured, see `--rss-max-d`).\n\n"
-        + table(head, rows) + f"\n{END}"
+        + table(head, rows) + "\n\n" + NOTES + f"\n{END}"
     )
     print(text)
     if args.write:

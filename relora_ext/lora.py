@@ -69,13 +69,19 @@ def _check_float(name: str, value, where: str, *, lo: float, hi: float = math.in
     return v
 
 
+#: Up to this rank the backward computes ∂B as (s hᵀ G)ᵀ: CPU GEMMs (MKL/oneDNN, fp32 and bf16) with a
+#: (T, out)ᵀ·(T, r) shape run several times slower than the (r, T)·(T, out) one at r = 8; from r ≈ 32 on
+#: the two are alike (benchmarks/bench_lora_layer.py).
+_SMALL_RANK = 16
+
+
 class _LoRALinearFn(torch.autograd.Function):
     """``y = x Wᵀ + b + s (x Aᵀ) Bᵀ`` on 2-D ``x`` ``(N, in)``, fused for time and memory.
 
     Forward: ``h = x Aᵀ`` ``(N, r)``; ``y = addmm(b, x, Wᵀ)``; ``y += s h Bᵀ`` in place (no ``(N, out)``
     temporary, no separate scale or add pass). Saves ``x`` and ``h`` (plus the parameters, which are not
     activations). Backward, with ``G = ∂L/∂y``: ``∂x = G W + s (G B) A`` (accumulated in place),
-    ``∂A = s (G B)ᵀ x``, ``∂B = s Gᵀ h``, ``∂b = Σ_n G``, and ``∂W = Gᵀ x`` only if ``W`` requires grad.
+    ``∂A = s (G B)ᵀ x``, ``∂B = s Gᵀ h`` (as ``(s hᵀ G)ᵀ`` for small ``r``), ``∂b = Σ_n G``, and ``∂W = Gᵀ x`` only if ``W`` requires grad.
     Under ``create_graph=True`` the backward is written with out-of-place ops and recomputes ``h`` from
     ``x`` and ``A`` so that it is itself differentiable (double backward, ``gradgradcheck``).
     All inputs must share one dtype: :func:`_lora_linear` applies autocast's casts before calling it.
@@ -112,7 +118,10 @@ class _LoRALinearFn(torch.autograd.Function):
             if need_A:
                 gA = torch.addmm(A, gBm.t(), x, beta=0, alpha=s)
             if need_B:
-                gB = torch.addmm(B, g.t(), h, beta=0, alpha=s)
+                if h.shape[1] <= _SMALL_RANK:  # (hᵀ G)ᵀ: an (r, out) product, ~5x faster than Gᵀ h at r = 8
+                    gB = torch.addmm(B.t(), h.t(), g, beta=0, alpha=s).t().contiguous()
+                else:
+                    gB = torch.addmm(B, g.t(), h, beta=0, alpha=s)
         if need_w:
             gw = g.t().mm(x)
         if need_b:

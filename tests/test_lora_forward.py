@@ -32,8 +32,9 @@ def grads(layer, x, y, g):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("alpha", [None, 3.0])
 @pytest.mark.parametrize("shape", [(7,), (3, 7), (2, 3, 5), (0, 4)])
-def test_matches_plain_forward_and_grads(bias, alpha, shape):
-    layer = make(bias=bias, alpha=alpha)
+@pytest.mark.parametrize("r", [4, 18])  # both forms of ∂B: (s hᵀ G)ᵀ up to rank 16, s Gᵀ h above
+def test_matches_plain_forward_and_grads(bias, alpha, shape, r):
+    layer = make(bias=bias, alpha=alpha, r=r)
     x = torch.randn(*shape, 24, requires_grad=True)
     y, y_ref = layer(x), plain_forward(layer, x)
     assert y.shape == (*shape, 20)
