@@ -329,7 +329,8 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
     pub = {"full": 1.0, "peft_lora": PUBLISHED["lora"] / PUBLISHED["full"], "lora": PUBLISHED["lora"] / PUBLISHED["full"],
            "relora": PUBLISHED["relora"] / PUBLISHED["full"]}
     out = [
-        "## Language model on Jane Austen: full rank vs LoRA vs ReLoRA* vs GaLore",
+        f"## Language model on Jane Austen, {c['steps']} steps: "
+        + " vs ".join(LABELS[m].split(" (")[0] for m in args.methods),
         "",
         f"TinyLlama d={c['dim']}, {c['layers']} layers, {c['heads']} heads, {any_run['params'] / 1e6:.2f}M parameters, "
         f"byte tokens, seq {c['seq_len']}, batch {c['batch_size']}, {c['steps']} steps = {tokens / 1e6:.2f}M training "
@@ -337,8 +338,11 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
         f"({c['final_eval_windows']} windows of {c['seq_len']} bytes). AdamW (0.9, 0.95), no weight decay, warmup "
         f"{c['warmup']}, cosine to 10%; ReLoRA*: cycle {c['reset_every']} steps, restart warmup {c['restart_warmup']}, "
         f"99% magnitude prune; GaLore: projection refreshed every {c['reset_every']} steps, scale {c['galore_scale']}. "
-        f"LR sweep {args.lrs} for every method at r = {r0}, seed {args.seeds[0]}; the best LR is reused for the other "
-        f"seed(s){f' and for r = {ranks[1]}' if len(ranks) > 1 else ''}. {c['threads']} thread per run, one run at a time, each in a fresh process.",
+        + (f"LR sweep {args.lrs} for every method at r = {r0}, seed {args.seeds[0]}; the best LR is reused for the other "
+         f"seed(s){f' and for r = {ranks[1]}' if len(ranks) > 1 else ''}." if len(args.lrs) > 1 else
+         f"No LR sweep: every method at LR {args.lrs[0]:g}, the best LR of these methods in the 150-step sweep (section "
+         "train_lm); it may not be the best LR at this budget.")
+        + f" {c['threads']} thread per run, one run at a time, each in a fresh process.",
         "",
         "### Quality and speed",
         "",
@@ -362,7 +366,8 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
     out += ["",
             "± is half the range over seeds. Published: SST paper, LLaMA-130M on C4, r = 64, perplexity per token: "
             f"full {PUBLISHED['full']}, LoRA {PUBLISHED['lora']}, ReLoRA* {PUBLISHED['relora']}."
-            + (f" Best LR at the edge of the sweep for: {', '.join(LABELS[m] for m in edge)}." if edge else "")]
+            + (f" Best LR at the edge of the sweep for: {', '.join(LABELS[m] for m in edge)}."
+               if edge and len(args.lrs) > 1 else "")]
     if full_ppl:
         low = [(r, m) for r in ranks for m in args.methods if m != "full" and (r, m) in rows]
         beat = [(r, m) for r, m in low if _mean([x["val_ppl"] for x in rows[(r, m)]]) < full_ppl]
@@ -372,8 +377,9 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
             f"{len(beat)} of {len(low)} low-rank configurations end below full rank's perplexity. "
             f"This run has {any_run['params'] / 1e6:.2f}M parameters and {tokens / 1e6:.2f}M training tokens, orders of "
             "magnitude below the published setting, and the validation loss is still falling steeply at the end "
-            "(plot), so these are early-training figures; the section train_lm_long (if present) repeats full rank, "
-            "LoRA and ReLoRA* with 4x the steps.")
+            "(plot), so these are early-training figures."
+            + (" The section train_lm_long repeats full rank, LoRA and ReLoRA* with 4x the steps."
+               if args.section == "train_lm" else ""))
         for r in ranks:
             if (r, "relora") in rows and (r, "lora") in rows:
                 rl = _mean([x["val_ppl"] for x in rows[(r, "relora")]]) / _mean([x["val_ppl"] for x in rows[(r, "lora")]])
@@ -422,9 +428,12 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
     commits = sorted({p["commit"] for p in provs})
     dirty = sorted({f for p in provs for f in p.get("dirty_files") or []})
     loads = [x["load_avg"] for x in every]
+    import shlex
+
+    cmd = ("`python benchmarks/train_lm.py --stage sweep`, `--stage final`, `--stage memory`, `--stage report`"
+           if args.section == "train_lm" else "`python " + " ".join(shlex.quote(a) for a in sys.argv) + "`")
     out.append(
-        "- commands: `python benchmarks/train_lm.py --stage sweep`, `--stage final`, `--stage memory`, "
-        "`--stage report` (each run is cached under `benchmarks/results/train_lm/`, one JSON per run with its own "
+        f"- commands: {cmd} (each run is cached under `benchmarks/results/train_lm/`, one JSON per run with its own "
         "provenance)\n"
         f"- runs made {dates[0]} … {dates[-1]} at commit(s) {', '.join(commits)}"
         + (f" (uncommitted changes in: {', '.join(dirty)})" if dirty else "") + f"; torch {provs[0]['torch']}\n"
