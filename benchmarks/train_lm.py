@@ -330,7 +330,7 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
            "relora": PUBLISHED["relora"] / PUBLISHED["full"]}
     out = [
         f"## Language model on Jane Austen, {c['steps']} steps: "
-        + " vs ".join(LABELS[m].split(" (")[0] for m in args.methods),
+        + " vs ".join(dict.fromkeys(LABELS[m].split(" (")[0] for m in args.methods)),
         "",
         f"TinyLlama d={c['dim']}, {c['layers']} layers, {c['heads']} heads, {any_run['params'] / 1e6:.2f}M parameters, "
         f"byte tokens, seq {c['seq_len']}, batch {c['batch_size']}, {c['steps']} steps = {tokens / 1e6:.2f}M training "
