@@ -127,6 +127,8 @@ def timeit(fns: dict, repeats: int, warmups: dict) -> dict:
             t0 = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t0)
+    for k, v in times.items():  # the raw samples, for judging the noise (stdout only)
+        print(f"  {k}: " + " ".join(f"{x * 1e3:.0f}" for x in v) + " ms", flush=True)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
