@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import relora_ext  # noqa: E402
-from relora_ext.demo import _as_tensor, _batch, build_parser, load_austen  # noqa: E402
+from relora_ext.demo import byte_tokens, lm_batch, build_parser, load_austen  # noqa: E402
 from relora_ext.lora import lora_layers, wrap  # noqa: E402
 from relora_ext.optim import ReLoRAOptimizer  # noqa: E402
 from relora_ext.schedule import JaggedCosineLR  # noqa: E402
@@ -55,12 +55,12 @@ def setup(reset_every: int, steps_total: int):
     sched = JaggedCosineLR(opt, total_steps=steps_total, warmup_steps=a.warmup, cycle_length=reset_every,
                            restart_warmup_steps=a.restart_warmup, min_lr_ratio=a.min_lr_ratio)
     train_b, _ = load_austen()
-    data = _as_tensor(train_b)
+    data = byte_tokens(train_b)
     gen = torch.Generator().manual_seed(a.seed)
 
     def step():
         starts = torch.randint(0, len(data) - a.seq_len - 1, (a.batch_size,), generator=gen)
-        x, y = _batch(data, starts, a.seq_len)
+        x, y = lm_batch(data, starts, a.seq_len)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()

@@ -51,13 +51,18 @@ def timeit(fns: dict, repeats: int, sync=lambda: None) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def machine_peaks(repeats: int, device, sync) -> tuple[float, float]:
-    """Memory bandwidth (bytes/s, a 512 MiB copy) and fp32 GEMM peak (flop/s, a 4096^3 mm)."""
+def machine_peaks(repeats: int, device, sync) -> tuple[float, dict]:
+    """Memory bandwidth (bytes/s, a 512 MiB copy) and GEMM peaks (flop/s of a 4096^3 torch.mm) for
+    fp32 and bf16 inputs; fp16 inputs are held to the fp32 peak (both we and a CPU convert them)."""
     src = torch.empty(128 << 20, device=device)
     dst = torch.empty_like(src)
     a, b = torch.randn(4096, 4096, device=device), torch.randn(4096, 4096, device=device)
-    t = timeit({"copy": lambda: dst.copy_(src), "mm": lambda: torch.mm(a, b)}, repeats, sync)
-    return 2 * src.numel() * 4 / t["copy"], 2 * 4096 ** 3 / t["mm"]
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    t = timeit({"copy": lambda: dst.copy_(src), "mm": lambda: torch.mm(a, b),
+                "mm16": lambda: torch.mm(a16, b16)}, repeats, sync)
+    peak = {torch.float32: 2 * 4096 ** 3 / t["mm"], torch.bfloat16: 2 * 4096 ** 3 / t["mm16"]}
+    peak[torch.float16] = peak[torch.float32] if device == "cpu" else peak[torch.bfloat16]
+    return 2 * src.numel() * 4 / t["copy"], peak
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,7 +99,7 @@ def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync):
                 wrong = {k: (v != rne).double().mean().item()
                          for k, v in (("ours", Wo), ("addmm_", Wt), ("+=", Wp))}
                 nbytes = 2 * W.numel() * W.element_size() + (A.numel() + B.numel()) * A.element_size()
-                bound = max(nbytes / bandwidth, 2 * out * in_ * r / peak)
+                bound = max(nbytes / bandwidth, 2 * out * in_ * r / peak[dtype])
                 best = min(t["addmm_"], t["+= s*(B@A)"])
                 rows.append([f"{out}x{in_}", str(dtype).replace("torch.", ""), r,
                              f"{t['ours'] * 1e3:.2f}", f"{t['addmm_'] * 1e3:.2f}",
@@ -251,7 +256,10 @@ def main():
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     bandwidth, peak = machine_peaks(reps, device, sync)
     ctx = context() + (f", {torch.cuda.get_device_name()}" if device != "cpu" else "")
-    print(f"{ctx}\nbandwidth {bandwidth / 1e9:.1f} GB/s, fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s")
+    peaks = (f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (a 512 MiB copy), GEMM peak "
+             f"{peak[torch.float32] / 1e9:.0f} GFLOP/s fp32 and {peak[torch.bfloat16] / 1e9:.0f} "
+             "GFLOP/s bf16 (a 4096³ `torch.mm`)")
+    print(f"{ctx}\n{peaks}")
     merge = bench_merge(shapes, ranks, [torch.float32, torch.bfloat16, torch.float16], reps,
                         bandwidth, peak, device, sync)
     prune = bench_prune(sizes, reps, device, sync)
@@ -260,11 +268,9 @@ def main():
     cmd = " ".join(["python benchmarks/bench_ops.py"] + sys.argv[1:])
     text = "\n\n".join([
         f"{MARK.format(device, 'begin')}\n## Native ops (issue 2), {device}\n\n`{cmd}` — {ctx}.\n"
-        f"Measured in the same run: memory bandwidth {bandwidth / 1e9:.1f} GB/s (a 512 MiB copy), "
-        f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s (a 4096³ `torch.mm`). Median of {reps} "
-        "interleaved repeats.",
+        f"Measured in the same run: {peaks}. Median of {reps} interleaved repeats.",
         "### merge: `W += s·B·A` (A, B in W's dtype)\n\n"
-        "Roofline reached = max(bytes moved / bandwidth, flops / GEMM peak) / our time. "
+        "Roofline reached = max(bytes moved / bandwidth, flops / GEMM peak of the dtype) / our time. "
         "Errors: max |W − exact| after one merge, exact in float64; misrounded: share of entries "
         "that differ from the exact result rounded once to nearest.\n\n" + table(*merge),
         "### prune: magnitude, p = 0.99, fp32\n\nTimes exclude restoring the input. Extra peak "

@@ -68,7 +68,7 @@ def worker(cfg: dict) -> dict:
 
     import relora_ext
     from relora_ext.analysis import optimizer_state_bytes
-    from relora_ext.demo import _as_tensor, _batch, evaluate, load_austen
+    from relora_ext.demo import byte_tokens, lm_batch, evaluate, load_austen
     from relora_ext.tiny_llama import TinyLlama, TinyLlamaConfig
 
     torch.set_num_threads(cfg["threads"])
@@ -80,7 +80,7 @@ def worker(cfg: dict) -> dict:
             except ImportError:
                 pass
     train_b, val_b = load_austen()
-    train_data, val_data = _as_tensor(train_b), _as_tensor(val_b)
+    train_data, val_data = byte_tokens(train_b), byte_tokens(val_b)
     rss_base = _peak_rss_mib()
     mcfg = TinyLlamaConfig(vocab_size=256, dim=cfg["dim"], n_layers=cfg["layers"], n_heads=cfg["heads"],
                            max_seq_len=cfg["seq_len"])
@@ -136,7 +136,7 @@ def worker(cfg: dict) -> dict:
     model.train()
     for step in range(1, steps + 1):
         starts = torch.randint(0, len(train_data) - cfg["seq_len"] - 1, (cfg["batch_size"],), generator=gen)
-        x, y = _batch(train_data, starts, cfg["seq_len"])
+        x, y = lm_batch(train_data, starts, cfg["seq_len"])
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         if not math.isfinite(loss.item()):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import relora_ext  # noqa: E402
-from relora_ext.demo import _as_tensor, _batch, load_austen  # noqa: E402
+from relora_ext.demo import byte_tokens, lm_batch, load_austen  # noqa: E402
 from relora_ext.distributed import load_sharded, save_sharded  # noqa: E402
 from relora_ext.tiny_llama import TinyLlama, TinyLlamaConfig  # noqa: E402
 
@@ -84,7 +84,7 @@ def main(argv=None):
     per_rank = args.batch_size // world
 
     train_b, val_b = load_austen()
-    train_data, val_data = _as_tensor(train_b), _as_tensor(val_b)
+    train_data, val_data = byte_tokens(train_b), byte_tokens(val_b)
 
     torch.manual_seed(args.seed)                     # same initial model on every rank
     cfg = TinyLlamaConfig(vocab_size=256, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
@@ -135,7 +135,7 @@ def main(argv=None):
     window = []
     for step in range(start + 1, args.steps + 1):
         starts = torch.randint(0, len(train_data) - args.seq_len - 1, (args.batch_size,), generator=gen)
-        x, y = _batch(train_data, starts[rank * per_rank:(rank + 1) * per_rank], args.seq_len)
+        x, y = lm_batch(train_data, starts[rank * per_rank:(rank + 1) * per_rank], args.seq_len)
         loss = F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten())
         loss.backward()
         opt.step()
@@ -153,7 +153,7 @@ def main(argv=None):
         model.eval()
         with torch.no_grad():
             starts = torch.linspace(0, len(val_data) - args.seq_len - 2, args.eval_windows).long()
-            x, y = _batch(val_data, starts, args.seq_len)
+            x, y = lm_batch(val_data, starts, args.seq_len)
             v = F.cross_entropy(model(x.to(device)).flatten(0, 1).float(), y.to(device).flatten()).item()
         if rank == 0:
             print(f"validation ({args.eval_windows} windows of Persuasion): loss {v:.4f}, ppl {math.exp(v):.2f}")

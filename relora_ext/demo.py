@@ -41,7 +41,7 @@ from .optim import ReLoRAOptimizer
 from .schedule import JaggedCosineLR
 from .tiny_llama import TinyLlama, TinyLlamaConfig
 
-__all__ = ["DATA_PATH", "DATA_SHA256", "load_austen", "main"]
+__all__ = ["DATA_PATH", "DATA_SHA256", "load_austen", "byte_tokens", "lm_batch", "evaluate", "main"]
 
 #: The bundled corpus and the sha256 of the .gz file (see ``relora_ext/data/README.md``).
 DATA_PATH = Path(__file__).resolve().parent / "data" / "austen.txt.gz"
@@ -89,11 +89,21 @@ def load_austen(path: Optional[os.PathLike] = None, *, sha256: Optional[str] = D
     return train, val
 
 
-def _as_tensor(b: bytes) -> torch.Tensor:
+def byte_tokens(b: bytes) -> torch.Tensor:
+    """Byte-level tokens: ``b`` as an int64 tensor ``(len(b),)`` of values 0..255 (vocab 256).
+
+    Example: ``byte_tokens(b"Emma")`` is ``tensor([69, 109, 109, 97])``.
+    """
     return torch.frombuffer(bytearray(b), dtype=torch.uint8).long()
 
 
-def _batch(data: torch.Tensor, starts: torch.Tensor, seq_len: int):
+def lm_batch(data: torch.Tensor, starts: torch.Tensor, seq_len: int):
+    """Next-token windows: inputs ``x (B, seq_len)`` and targets ``y (B, seq_len)`` (``x`` shifted by one)
+    from the token stream ``data`` at the ``B`` offsets ``starts``.
+
+    Example: ``x, y = lm_batch(byte_tokens(b"abcdef"), torch.tensor([0, 2]), 3)`` gives
+    ``x[0] = b"abc"`` and ``y[0] = b"bcd"``.
+    """
     idx = starts[:, None] + torch.arange(seq_len + 1)
     chunk = data[idx]
     return chunk[:, :-1], chunk[:, 1:]
@@ -107,7 +117,7 @@ def evaluate(model, data: torch.Tensor, seq_len: int, n_windows: int, batch_size
     starts = torch.linspace(0, len(data) - seq_len - 2, n_windows).long()
     total, count = 0.0, 0
     for i in range(0, n_windows, batch_size):
-        x, y = _batch(data, starts[i:i + batch_size], seq_len)
+        x, y = lm_batch(data, starts[i:i + batch_size], seq_len)
         loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="sum")
         total += loss.item()
         count += y.numel()
@@ -165,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     torch.manual_seed(args.seed)
 
     train_b, val_b = load_austen(args.data)
-    train_data, val_data = _as_tensor(train_b), _as_tensor(val_b)
+    train_data, val_data = byte_tokens(train_b), byte_tokens(val_b)
 
     cfg = TinyLlamaConfig(vocab_size=256, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                           max_seq_len=max(args.seq_len, 64))
@@ -226,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     t_train = time.perf_counter()
     for step in range(1, args.steps + 1):
         starts = torch.randint(0, len(train_data) - args.seq_len - 1, (args.batch_size,), generator=gen)
-        x, y = _batch(train_data, starts, args.seq_len)
+        x, y = lm_batch(train_data, starts, args.seq_len)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
