@@ -59,6 +59,24 @@ def provenance_lines(prov: dict) -> str:
             f"{prov['load_avg_at_start']:.2f} (CPU shared with other jobs)\n- date: {prov['date']}\n")
 
 
+def table(head, rows) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def context(*extra: str) -> str:
+    """One line of provenance for a table: date, commit, machine, threads, versions (+ ``extra``)."""
+    import relora_ext
+
+    prov = provenance()  # the commit reads "<sha>-dirty" when tracked files had changes
+    parts = [prov["date"], f"commit {prov['commit']}", prov["machine"], f"{prov['threads']} threads",
+             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}", f"torch {prov['torch']}",
+             f"relora_ext {relora_ext.__version__}", *extra]
+    return ", ".join(parts)
+
+
 def write_section(name: str, text: str, path: Path = RESULTS_MD) -> None:
     """Replace (or append) the block between ``<!-- name:begin -->`` and ``<!-- name:end -->``."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

@@ -15,12 +15,8 @@ layer) is timed too; prune + checks is the difference. Overhead at ``reset_every
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -30,16 +26,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import relora_ext  # noqa: E402
+from _report import context, table, write_section  # noqa: E402
 from relora_ext.demo import byte_tokens, lm_batch, build_parser, load_austen  # noqa: E402
 from relora_ext.lora import lora_layers, wrap  # noqa: E402
 from relora_ext.optim import ReLoRAOptimizer  # noqa: E402
 from relora_ext.schedule import JaggedCosineLR  # noqa: E402
 from relora_ext.tiny_llama import TinyLlama, TinyLlamaConfig  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "RESULTS.md")
-BEGIN, END = "<!-- bench_cycle:begin -->", "<!-- bench_cycle:end -->"
 
 
 def setup(reset_every: int, steps_total: int):
@@ -77,37 +70,10 @@ def setup(reset_every: int, steps_total: int):
     return a, cfg, model, opt, step, merge_reset
 
 
-def table(head, rows) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(lines)
 
 
-def context() -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip() or "unknown"
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return (f"{datetime.date.today()}, commit {commit}, {cpu}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
-            f"torch {torch.__version__}, relora_ext {relora_ext.__version__}")
 
 
-def write_section(text: str) -> None:
-    """Replace only our section of RESULTS.md (re-read right before writing; atomic replace)."""
-    old = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + text + "\n"
-    tmp = RESULTS + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, RESULTS)
 
 
 def main():
@@ -151,7 +117,7 @@ def main():
     breakeven = 99 * med["cycle"] / med["step"]  # reset_every at which the share is exactly 1%
     cmd = " ".join(["python benchmarks/bench_cycle.py"] + sys.argv[1:])
     text = (
-        f"{BEGIN}\n## ReLoRA* cycle overhead on the demo model (issue 3)\n\n"
+        f"## ReLoRA* cycle overhead on the demo model (issue 3)\n\n"
         f"`{cmd}` — {ctx}; {time.perf_counter() - t0:.0f} s.\n\n"
         f"Demo defaults: TinyLlama dim {cfg.dim}, {cfg.n_layers} layers, hidden {cfg.hidden_dim}, "
         f"{n_layers} wrapped projections (r = {a.rank}; {n_frozen / 1e6:.2f}M frozen weights, "
@@ -162,11 +128,11 @@ def main():
         "shared with other jobs: the share, from times measured side by side, is the figure that counts. "
         f"The share reaches 1% only at reset_every ≈ {breakeven:.0f}.\n\n"
         + table(["reset_every", "step ms", "cycle ms", "merge+reset ms", "prune+checks ms",
-                 "cycle share of training", "goal"], rows) + f"\n{END}"
+                 "cycle share of training", "goal"], rows)
     )
     print(text)
     if args.write:
-        write_section(text)
+        write_section("bench_cycle", text)
 
 
 if __name__ == "__main__":

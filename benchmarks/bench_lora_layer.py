@@ -23,9 +23,7 @@ reports VmHWM minus VmRSS just before it (the peak counter reset through /proc/s
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -39,12 +37,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-import relora_ext  # noqa: E402
+from _report import context, table, write_section  # noqa: E402
 from relora_ext import LoRALinear  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "RESULTS.md")
-BEGIN, END = "<!-- bench_lora_layer:begin -->", "<!-- bench_lora_layer:end -->"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METHODS = ("ours", "plain", "peft", "full")
 
@@ -223,45 +218,10 @@ NOTES = (
 )
 
 
-def table(head, rows) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(lines)
 
 
-def context() -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "relora_ext/lora.py"], capture_output=True,
-                           text=True, cwd=os.path.dirname(HERE)).stdout.strip()
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    try:
-        import peft
-        pv = peft.__version__
-    except ImportError:
-        pv = "missing"
-    return (f"{datetime.date.today()}, commit {commit}{' + uncommitted lora.py' if dirty else ''}, {cpu}, "
-            f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-            f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, torch {torch.__version__}, peft {pv}, "
-            f"relora_ext {relora_ext.__version__}")
 
 
-def write_section(text: str) -> None:
-    """Replace only our section of RESULTS.md (re-read right before writing; atomic replace)."""
-    old = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + text + "\n"
-    tmp = RESULTS + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, RESULTS)
 
 
 def main():
@@ -286,14 +246,18 @@ def main():
         return mem_child(m, int(d), int(r), dn, int(tok))
     if args.quick:
         args.tokens, args.sizes, args.ranks, args.repeats = 512, [256], [8, 32], 3
-    ctx = context()
+    try:
+        import peft
+        ctx = context(f"peft {peft.__version__}")
+    except ImportError:
+        ctx = context("peft missing")
     print(ctx, flush=True)
     t0 = time.perf_counter()
     head, rows = bench(args.sizes, args.ranks, args.dtypes, args.tokens, args.repeats, args.rss_max_d,
                        args.plain_max_d, args.threads)
     cmd = " ".join(["python benchmarks/bench_lora_layer.py"] + sys.argv[1:])
     text = (
-        f"{BEGIN}\n## LoRALinear forward+backward vs PEFT and full-rank nn.Linear (issue 3)\n\n"
+        f"## LoRALinear forward+backward vs PEFT and full-rank nn.Linear (issue 3)\n\n"
         f"`{cmd}` — {ctx}; {time.perf_counter() - t0:.0f} s.\n\n"
         f"T = {args.tokens} tokens, in = out = d, no bias, alpha = r, x requires grad; one forward + "
         "backward. ours = `LoRALinear` (fused `_LoRALinearFn`); plain = the same layer through the unfused "
@@ -304,11 +268,11 @@ def main():
         "are the figures that count; absolute times are context. Saved MiB: unique storages autograd keeps "
         "for backward (input x included, parameters excluded). Peak RSS: extra VmHWM of one fwd+bwd in a "
         "fresh process (includes grad x and parameter grads; '-' = not measured, see `--rss-max-d`).\n\n"
-        + table(head, rows) + "\n\n" + NOTES + f"\n{END}"
+        + table(head, rows) + "\n\n" + NOTES
     )
     print(text)
     if args.write:
-        write_section(text)
+        write_section("bench_lora_layer", text)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ a fresh subprocess per method (peak RSS, VmHWM, minus the peak with the input al
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -28,12 +26,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-import relora_ext  # noqa: E402
+from _report import context, table, write_section  # noqa: E402
 from relora_ext import ops  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "RESULTS.md")
-MARK = "<!-- bench_ops:{}:{} -->"  # one section of RESULTS.md per device
 
 
 def timeit(fns: dict, repeats: int, sync=lambda: None) -> dict:
@@ -213,25 +208,8 @@ def bench_reset(shapes, repeats, device, sync):
 # ------------------------------------------------------------------------------------------------
 
 
-def table(head, rows) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(lines)
 
 
-def context() -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip() or "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return (f"{datetime.date.today()}, commit {commit}, {cpu}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
-            f"torch {torch.__version__}, "
-            f"relora_ext {relora_ext.__version__}")
 
 
 def main():
@@ -255,7 +233,7 @@ def main():
     device = args.device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     bandwidth, peak = machine_peaks(reps, device, sync)
-    ctx = context() + (f", {torch.cuda.get_device_name()}" if device != "cpu" else "")
+    ctx = context(*([torch.cuda.get_device_name()] if device != "cpu" else []))
     peaks = (f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (a 512 MiB copy), GEMM peak "
              f"{peak[torch.float32] / 1e9:.0f} GFLOP/s fp32 and {peak[torch.bfloat16] / 1e9:.0f} "
              "GFLOP/s bf16 (a 4096³ `torch.mm`)")
@@ -267,7 +245,7 @@ def main():
                         else [(512, 768, 8)], reps, device, sync)
     cmd = " ".join(["python benchmarks/bench_ops.py"] + sys.argv[1:])
     text = "\n\n".join([
-        f"{MARK.format(device, 'begin')}\n## Native ops (issue 2), {device}\n\n`{cmd}` — {ctx}.\n"
+        f"## Native ops (issue 2), {device}\n\n`{cmd}` — {ctx}.\n"
         f"Measured in the same run: {peaks}. Median of {reps} interleaved repeats.",
         "### merge: `W += s·B·A` (A, B in W's dtype)\n\n"
         "Roofline reached = max(bytes moved / bandwidth, flops / GEMM peak of the dtype) / our time. "
@@ -275,19 +253,11 @@ def main():
         "that differ from the exact result rounded once to nearest.\n\n" + table(*merge),
         "### prune: magnitude, p = 0.99, fp32\n\nTimes exclude restoring the input. Extra peak "
         "MiB: peak RSS of a fresh process minus its RSS with the input alone.\n\n" + table(*prune),
-        "### reset: `B ← 0, A ← N(0, σ²)`\n\n" + table(*reset) + f"\n{MARK.format(device, 'end')}",
+        "### reset: `B ← 0, A ← N(0, σ²)`\n\n" + table(*reset),
     ])
     print(text)
     if args.write:
-        old = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-        begin, end = MARK.format(device, "begin"), MARK.format(device, "end")
-        if begin in old:
-            new = old[: old.index(begin)] + text + old[old.index(end) + len(end):]
-        else:
-            new = old.rstrip() + "\n\n" + text + "\n"
-        with open(RESULTS + ".tmp", "w") as f:
-            f.write(new)
-        os.replace(RESULTS + ".tmp", RESULTS)
+        write_section(f"bench_ops:{device}", text)  # one section of RESULTS.md per device
 
 
 if __name__ == "__main__":
