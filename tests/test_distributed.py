@@ -46,6 +46,7 @@ def _entry(rank, fn, port, args):
                             timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, *args)
+        dist.barrier()  # both ranks done with every collective before the group is torn down
     finally:
         dist.destroy_process_group()
 
