@@ -150,12 +150,13 @@ def load_checkpoint(
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"load_checkpoint: {os.fspath(path)!r} is not a {FORMAT} checkpoint (format: {got!r})")
-    model.load_state_dict(ckpt["model"], strict=strict)
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-        if obj is None:
-            continue
+    targets = [(name, obj) for name, obj in (("optimizer", optimizer), ("scheduler", scheduler),
+                                             ("scaler", scaler)) if obj is not None]
+    for name, _ in targets:  # refuse before anything is loaded, so that a refused load changes nothing
         if name not in ckpt:
             raise ValueError(f"load_checkpoint: {name} given but {os.fspath(path)!r} holds no {name} state")
+    model.load_state_dict(ckpt["model"], strict=strict)
+    for name, obj in targets:
         obj.load_state_dict(ckpt[name])
     if rng and "rng" in ckpt:
         set_rng_state(ckpt["rng"])

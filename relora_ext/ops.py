@@ -23,6 +23,7 @@ __all__ = ["merge_", "reset_", "prune_", "FLOAT_DTYPES"]
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _U64 = 1 << 64
+_F32_MAX = torch.finfo(torch.float32).max  # scale and std reach the kernels as float32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *,
     _writable(fn, "W", W)
     _disjoint(fn, "W", W, "A", A)
     _disjoint(fn, "W", W, "B", B)
-    scale = _real(fn, "scale", scale)
+    scale = _real(fn, "scale", scale, lo=-_F32_MAX, hi=_F32_MAX)
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"{fn}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     seed = _u64(fn, "seed", _random_seed() if seed is None else seed)
@@ -176,7 +177,7 @@ def reset_(A: torch.Tensor, B: torch.Tensor, *, std: float, seed: int, offset: i
         _contiguous(fn, name, t)
         _writable(fn, name, t)
     _disjoint(fn, "A", A, "B", B)
-    std = _real(fn, "std", std, lo=0.0)
+    std = _real(fn, "std", std, lo=0.0, hi=_F32_MAX)
     seed, offset = _u64(fn, "seed", seed), _u64(fn, "offset", offset)
     with torch.no_grad():
         torch.ops.relora.reset_(A, B, std, seed, offset)

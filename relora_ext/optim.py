@@ -31,6 +31,7 @@ __all__ = ["ReLoRAOptimizer", "reset_offset", "prune_offset"]
 
 _PRUNE_MODES = ("magnitude", "random", "reset")
 _STREAM_PRUNE = 1 << 62
+_STREAM_ROUNDING = 1 << 63  # stochastic-rounding keys differ from the reset keys (= seed) in bit 63
 
 
 def reset_offset(layer_index: int, cycle: int) -> int:
@@ -52,6 +53,20 @@ def prune_offset(layer_index: int, tensor_index: int, cycle: int) -> int:
     reset draws. Example: ``prune_offset(0, 1, 2) == 2**62 + 2**32 + 2``.
     """
     return _STREAM_PRUNE + ((layer_index * 16 + tensor_index) << 32) + cycle
+
+
+def _check_layer_dtypes(layers, where: str) -> None:
+    """The native merge takes float32/bfloat16/float16 only: refuse other dtypes before any layer is merged."""
+    from .ops import FLOAT_DTYPES
+
+    for name, layer in layers:
+        for pname in ("weight", "lora_A", "lora_B"):
+            dt = getattr(layer, pname).dtype
+            if dt not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"{where}: layer {name!r}: {pname} is {dt}; the ReLoRA* cycle merges float32, bfloat16 or "
+                    "float16 weights only (convert the model, e.g. model.float())"
+                )
 
 
 class ReLoRAOptimizer(torch.optim.Optimizer):
@@ -90,7 +105,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         prune: ``"magnitude"`` (default), ``"random"`` or ``"reset"``.
         seed: 64-bit key of every reset / random-prune draw, in ``[0, 2**64)``.
         rounding: rounding of the merge into ``W``: ``"nearest"`` (default) or ``"stochastic"`` (for bf16/
-            fp16 weights; its random bits use key ``seed ^ reset_offset(ℓ, c)``).
+            fp16 weights; its random bits use key ``seed ^ 2**63 ^ reset_offset(ℓ, c)``, never a reset key).
         prune_guard: after pruning (``"magnitude"``/``"random"``), also zero the entries of Adam's
             ``exp_avg`` whose second moment (``exp_avg_sq``, and ``max_exp_avg_sq`` with amsgrad) was zeroed.
             Default ``True``. Why: each tensor is pruned by its own magnitudes, so some kept ``exp_avg``
@@ -187,6 +202,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
                         "relora_ext.wrap(model, ...), so that it trains the adapters"
                     )
 
+        _check_layer_dtypes(layers, where)
         self.optimizer = optimizer
         self.model_layers = layers
         self.reset_every = reset_every
@@ -291,6 +307,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
                 D.fingerprint(self), group=self.process_group, what=f"ReLoRA* setup at cycle {c}",
                 hint="Every rank must build the same model, call relora_ext.wrap with the same arguments and pass "
                      "the same seed and settings to ReLoRAOptimizer.")
+        _check_layer_dtypes(self.model_layers, f"ReLoRAOptimizer: cycle {c}")
         sharded = [D.is_dtensor(layer.weight) or D.is_dtensor(layer.lora_A) for _, layer in self.model_layers]
         bad = []
         for name, layer in self.model_layers:  # all-or-nothing: refuse before any layer is merged
@@ -318,7 +335,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         guard_sharded: Dict[Any, list] = {}
         for li, (name, layer) in enumerate(self.model_layers):
             off = reset_offset(li, c)
-            merge_seed = (self.seed ^ off) if self.rounding == "stochastic" else None
+            merge_seed = (self.seed ^ _STREAM_ROUNDING ^ off) if self.rounding == "stochastic" else None
             try:
                 if sharded[li]:
                     full_A.append(D.merge_and_reset_sharded_(layer, seed=self.seed, offset=off,
@@ -425,16 +442,28 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a dict made by :meth:`state_dict` (the counters and settings come back too).
+        """Load a dict made by :meth:`state_dict`: the wrapped optimizer's state and this wrapper's counters.
 
-        A plain state dict of the wrapped optimizer's type (no ``"relora"`` entry) is accepted as well; the
-        counters then restart from zero.
+        Raises :class:`ValueError` (before loading anything) if the dict was saved with other settings
+        (``reset_every``, ``seed``, ``prune``, ...): resuming must continue the same cycle. A plain state dict
+        of the wrapped optimizer's type (no ``"relora"`` entry) is accepted as well; the counters then
+        restart from zero.
         """
         sd = dict(state_dict)
         meta = sd.pop("relora", None)
-        self.optimizer.load_state_dict(sd)
         if meta is not None:
-            for k in ("steps_taken", "cycles_done", "last_prune_kept", "last_prune_total", "reset_every",
-                      "prune_ratio", "prune", "seed", "rounding", "prune_guard"):
-                if k in meta:
-                    setattr(self, k, meta[k])
+            # A resume must continue the same cycle: refuse settings that differ from this optimizer's.
+            for k in ("reset_every", "prune_ratio", "prune", "seed", "rounding", "prune_guard"):
+                if k in meta and meta[k] != getattr(self, k):
+                    raise ValueError(
+                        f"ReLoRAOptimizer.load_state_dict: the state dict was saved with {k}={meta[k]!r} but this "
+                        f"optimizer has {k}={getattr(self, k)!r}; build the ReLoRAOptimizer with the saved settings"
+                    )
+            for k in ("steps_taken", "cycles_done", "last_prune_kept", "last_prune_total"):
+                v = meta.get(k, 0)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ValueError(f"ReLoRAOptimizer.load_state_dict: {k} must be an int >= 0, got {v!r}")
+        self.optimizer.load_state_dict(sd)
+        meta = meta or {}
+        for k in ("steps_taken", "cycles_done", "last_prune_kept", "last_prune_total"):
+            setattr(self, k, meta.get(k, 0))

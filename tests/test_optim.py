@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+import relora_ext
 from relora_ext import JaggedCosineLR, LoRALinear, ReLoRAOptimizer, lora_layers, wrap
 from relora_ext.optim import prune_offset, reset_offset
 
@@ -343,3 +344,38 @@ def test_bf16_model_cycle(rounding):
     assert opt.cycles_done == 1 and model[0].weight.dtype == torch.bfloat16
     assert_close(model(x).float(), outs[-1], rtol=0.05, atol=0.05)
     assert opt.state_dict()["relora"]["rounding"] == rounding
+
+
+# ------------------------------------------------------------------------------------------------
+# load_state_dict refuses another configuration; float64 layers are refused before any cycle
+
+
+def _tiny_relora(**kw):
+    torch.manual_seed(0)
+    model = relora_ext.wrap(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)),
+                            r=2, target_modules=["0", "2"])
+    return model, relora_ext.ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, **kw)
+
+
+def test_load_state_dict_refuses_other_settings_and_keeps_state():
+    model, opt = _tiny_relora(reset_every=3, seed=1)
+    for _ in range(2):
+        model(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    saved = opt.state_dict()
+    _, other = _tiny_relora(reset_every=5, seed=1)
+    with pytest.raises(ValueError, match="saved with reset_every=3 but this optimizer has reset_every=5"):
+        other.load_state_dict(saved)
+    assert other.steps_taken == 0 and len(other.state) == 0
+    _, same = _tiny_relora(reset_every=3, seed=1)
+    same.load_state_dict(saved)
+    assert same.steps_taken == 2
+    same.load_state_dict(same.optimizer.state_dict())  # a plain inner state dict: counters restart
+    assert same.steps_taken == 0 and same.cycles_done == 0
+
+
+def test_float64_layers_refused_at_construction():
+    model = relora_ext.wrap(torch.nn.Sequential(torch.nn.Linear(8, 8)).double(), r=2, target_modules=["0"])
+    with pytest.raises(TypeError, match="weight is torch.float64"):
+        relora_ext.ReLoRAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, reset_every=2)
