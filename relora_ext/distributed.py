@@ -467,17 +467,34 @@ def save_sharded(path: str, *, model: torch.nn.Module, optimizer=None, scheduler
 
     from .checkpoint import atomic_save
 
+    import shutil
+
     state: Dict[str, Any] = {"model": msd}
     if osd is not None:
         state["optim"] = osd
-    dcp.save(state, checkpoint_id=os.fspath(path))
+    # Never half-written: every rank writes into a temporary directory beside `path`, and rank 0 moves the
+    # complete checkpoint into place once all ranks are done (a crash leaves the old checkpoint intact).
+    final = os.fspath(path).rstrip(os.sep)
+    tmp, old = final + ".tmp", final + ".old"
+    lead = not dist.is_initialized() or dist.get_rank() == 0
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    dcp.save(state, checkpoint_id=tmp)
     # small non-tensor data: one file written by rank 0 (DCP would flatten the dicts into per-key entries)
     meta_obj = {"relora": meta or {}, "scheduler": scheduler.state_dict() if scheduler is not None else {},
                 "extra": dict(extra) if extra else {}}
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        atomic_save(meta_obj, os.path.join(os.fspath(path), META_FILE))
-    if dist.is_initialized():
-        dist.barrier()
+    if lead:
+        atomic_save(meta_obj, os.path.join(tmp, META_FILE))
+    barrier()
+    if lead:
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
 def load_sharded(path: str, *, model: torch.nn.Module, optimizer=None, scheduler=None) -> Dict[str, Any]:
