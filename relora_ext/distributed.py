@@ -453,25 +453,15 @@ def save_sharded(path: str, *, model: torch.nn.Module, optimizer=None, scheduler
     ``cycles_done``, seed, ...), the scheduler's ``state_dict()`` and ``extra`` are saved alongside.
     Example: ``save_sharded("runs/ckpt-100", model=model, optimizer=opt, scheduler=sched, extra={"step": 100})``.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    import shutil
 
-    inner, meta = _split_optimizer(optimizer)
-    if inner is not None:
-        msd, osd = get_state_dict(model, inner)
-    else:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        msd, osd = get_model_state_dict(model), None
     import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
 
     from .checkpoint import atomic_save
 
-    import shutil
-
-    state: Dict[str, Any] = {"model": msd}
-    if osd is not None:
-        state["optim"] = osd
+    inner, meta = _split_optimizer(optimizer)
+    state = _dcp_state(model, inner)
     # Never half-written: every rank writes into a temporary directory beside `path`, and rank 0 moves the
     # complete checkpoint into place once all ranks are done (a crash leaves the old checkpoint intact).
     final = os.fspath(path).rstrip(os.sep)
@@ -503,20 +493,15 @@ def load_sharded(path: str, *, model: torch.nn.Module, optimizer=None, scheduler
     reshards). Collective. Returns ``extra``. Example: ``extra = load_sharded(path, model=model, optimizer=opt)``.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     inner, _ = _split_optimizer(optimizer)
-    if inner is not None:
-        msd, osd = get_state_dict(model, inner)
-    else:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        msd, osd = get_model_state_dict(model), None
-    state: Dict[str, Any] = {"model": msd}
-    if osd is not None:
-        state["optim"] = osd
+    saved = torch.load(os.path.join(os.fspath(path), META_FILE), map_location="cpu", weights_only=True)
+    if optimizer is not None and optimizer is not inner:  # refuse other settings before loading anything
+        optimizer._check_saved(saved["relora"], "load_sharded")
+    state = _dcp_state(model, inner)
     dcp.load(state, checkpoint_id=os.fspath(path))
-    state.update(torch.load(os.path.join(os.fspath(path), META_FILE), map_location="cpu", weights_only=True))
+    state.update(saved)
     if inner is not None:
         set_state_dict(model, inner, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
@@ -524,11 +509,21 @@ def load_sharded(path: str, *, model: torch.nn.Module, optimizer=None, scheduler
 
         set_model_state_dict(model, state["model"])
     if optimizer is not None and optimizer is not inner:
-        for k, v in state["relora"].items():
-            setattr(optimizer, k, v)
+        optimizer._set_counters(state["relora"])
     if scheduler is not None and state["scheduler"]:
         scheduler.load_state_dict(state["scheduler"])
     return state["extra"]
+
+
+def _dcp_state(model: torch.nn.Module, inner) -> Dict[str, Any]:
+    """The DCP state of ``model`` (and of the wrapped optimizer ``inner``, if any): fully-qualified names,
+    DTensor shards as they are."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if inner is None:
+        return {"model": get_model_state_dict(model)}
+    msd, osd = get_state_dict(model, inner)
+    return {"model": msd, "optim": osd}
 
 
 def _split_optimizer(optimizer):

@@ -450,20 +450,27 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         restart from zero.
         """
         sd = dict(state_dict)
-        meta = sd.pop("relora", None)
-        if meta is not None:
-            # A resume must continue the same cycle: refuse settings that differ from this optimizer's.
-            for k in ("reset_every", "prune_ratio", "prune", "seed", "rounding", "prune_guard"):
-                if k in meta and meta[k] != getattr(self, k):
-                    raise ValueError(
-                        f"ReLoRAOptimizer.load_state_dict: the state dict was saved with {k}={meta[k]!r} but this "
-                        f"optimizer has {k}={getattr(self, k)!r}; build the ReLoRAOptimizer with the saved settings"
-                    )
-            for k in ("steps_taken", "cycles_done", "last_prune_kept", "last_prune_total"):
-                v = meta.get(k, 0)
-                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                    raise ValueError(f"ReLoRAOptimizer.load_state_dict: {k} must be an int >= 0, got {v!r}")
+        meta = sd.pop("relora", None) or {}
+        self._check_saved(meta, "ReLoRAOptimizer.load_state_dict")
         self.optimizer.load_state_dict(sd)
-        meta = meta or {}
-        for k in ("steps_taken", "cycles_done", "last_prune_kept", "last_prune_total"):
+        self._set_counters(meta)
+
+    _SETTINGS = ("reset_every", "prune_ratio", "prune", "seed", "rounding", "prune_guard")
+    _COUNTERS = ("steps_taken", "cycles_done", "last_prune_kept", "last_prune_total")
+
+    def _check_saved(self, meta: Dict[str, Any], where: str) -> None:
+        """Refuse saved wrapper state (the ``"relora"`` entry) that cannot continue this optimizer's cycle."""
+        for k in self._SETTINGS:
+            if k in meta and meta[k] != getattr(self, k):
+                raise ValueError(
+                    f"{where}: the state was saved with {k}={meta[k]!r} but this optimizer has "
+                    f"{k}={getattr(self, k)!r}; build the ReLoRAOptimizer with the saved settings"
+                )
+        for k in self._COUNTERS:
+            v = meta.get(k, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{where}: {k} must be an int >= 0, got {v!r}")
+
+    def _set_counters(self, meta: Dict[str, Any]) -> None:
+        for k in self._COUNTERS:
             setattr(self, k, meta.get(k, 0))
