@@ -2,8 +2,8 @@
 
     python benchmarks/bench_cycle.py [--quick] [--write]
 
-The model, data and optimizer are the demo's defaults (relora_ext/demo.py): TinyLlama dim 192, 4 layers,
-4 heads, byte vocabulary, every projection wrapped with r = 48, AdamW (lr 3e-3, betas 0.9/0.95) under
+The model, data and optimizer are the demo's defaults (relora_ext/demo.py): TinyLlama (dim 256, 4 layers,
+4 heads, byte vocabulary by default), every projection wrapped with the demo's r, AdamW (lr 3e-3, betas 0.9/0.95) under
 ReLoRAOptimizer (magnitude prune, p = 0.99) and JaggedCosineLR, batches of 16 x 128 bytes of the bundled
 corpus. One process; training steps (forward, backward, opt.step, sched.step, zero_grad) and cycles
 (``ReLoRAOptimizer.restart()``: the non-finite check, merge + reset and prune of every layer) are

@@ -1,6 +1,6 @@
 """Train a small LLaMA-style model with ReLoRA* on Jane Austen, on CPU, in a few minutes.
 
-    python -m relora_ext.demo                       # defaults: ~2M parameters, 4 cycles, 2 threads
+    python -m relora_ext.demo                       # defaults: 3.3M parameters, 4 cycles, 2 threads
     python -m relora_ext.demo --steps 600 --reset-every 150 --rank 64 --threads 4
     python -m relora_ext.demo --mode full           # the same model trained full-rank, for comparison
 
@@ -133,9 +133,9 @@ def _peak_rss_mib() -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m relora_ext.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--reset-every", type=int, default=50, help="ReLoRA* cycle length (steps between merges)")
-    p.add_argument("--rank", type=int, default=48, help="LoRA rank r")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--reset-every", type=int, default=75, help="ReLoRA* cycle length (steps between merges)")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: r, i.e. scale 1)")
     p.add_argument("--mode", choices=("relora", "lora", "full"), default="relora",
                    help="relora: ReLoRA*; lora: the same adapters never merged; full: full-rank training")
@@ -148,10 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dim", type=int, default=192)
+    p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--eval-every", type=int, default=40, help="validation every this many steps (and at 0, end)")
+    p.add_argument("--eval-every", type=int, default=60, help="validation every this many steps (and at 0, end)")
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows of --seq-len bytes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave torch's default)")
