@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup build demo test test-c bench clean
+.PHONY: setup setup-test demo test test-c bench clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,11 @@ $(VENV)/.deps:
 	$(PY) -m pip install "$(TORCH)" numpy setuptools wheel ninja
 	touch $@
 
+# The package alone (what the demo needs), or with the test and benchmark-baseline extras.
 setup: $(VENV)/.deps
+	$(PY) -m pip install --no-build-isolation -e .
+
+setup-test: $(VENV)/.deps
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
 
 demo: setup
@@ -23,10 +27,10 @@ demo: setup
 test-c:
 	bash csrc/tests/run_c_tests.sh
 
-test: setup test-c
+test: setup-test test-c
 	$(PY) -m pytest -q tests
 
-bench: setup
+bench: setup-test
 	$(PY) benchmarks/bench_ops.py
 
 clean:
