@@ -46,8 +46,8 @@ setup(
     ext_modules=[
         CppExtension(
             "relora_ext._C",
-            ["csrc/relora_ops.cpp"],
-            include_dirs=["csrc"],
+            sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/**/*.cpp", recursive=True)),
+            include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": ["-O3", *openmp]},
             extra_link_args=openmp,
         ),

@@ -369,7 +369,7 @@ class TestPortable:
     def test_reset_matches_kernel(self, dtype):
         A1, A2 = torch.empty(33, 70, dtype=dtype), torch.empty(33, 70, dtype=dtype)
         ops.reset_(A1, torch.empty(0, dtype=dtype), std=0.3, seed=9, offset=5)
-        torch.ops.relora.reset_portable_(A2, torch.empty(0, dtype=dtype), 0.3, 9, 5)
+        torch.ops.relora_testing.reset_portable_(A2, torch.empty(0, dtype=dtype), 0.3, 9, 5)
         # Same Philox words; log/cos/sin of two libraries may differ in the last bit.
         assert_close(A1, A2, rtol=2 * torch.finfo(dtype).eps, atol=1e-7)
         assert (A1 != A2).float().mean() < 0.01
@@ -382,7 +382,7 @@ class TestPortable:
         x1[17] = float("nan")
         x2[17] = float("nan")
         k1 = ops.prune_(x1, 0.95, mode=mode, seed=4, offset=2)
-        k2 = int(torch.ops.relora.prune_portable_(x2, 0.95, mode, 4, 2))
+        k2 = int(torch.ops.relora_testing.prune_portable_(x2, 0.95, mode, 4, 2))
         assert k1 == k2
         assert torch.equal(x1.view(torch.uint8), x2.view(torch.uint8))
 
@@ -392,7 +392,7 @@ class TestPortable:
         W1, A, B = sample_merge(45, 77, 5, wdtype, torch.bfloat16)
         W2 = W1.clone()
         ops.merge_(W1, A, B, 0.2, rounding=rounding, seed=8)
-        torch.ops.relora.merge_portable_(W2, A, B, 0.2, rounding, 8)
+        torch.ops.relora_testing.merge_portable_(W2, A, B, 0.2, rounding, 8)
         # fp32 sums in another order: the last fp32 bit differs, which for a 16-bit W changes
         # the rounding only near ties (or, stochastically, near a random threshold).
         assert_close(W1, W2, rtol=2 * torch.finfo(wdtype).eps, atol=1e-6)
@@ -404,7 +404,7 @@ class TestPortable:
         before = W.clone()
         A[0, 0] = float("nan")
         with pytest.raises(ValueError, match="NaN or Inf"):
-            torch.ops.relora.merge_portable_(W, A, B, 1.0, "nearest", 0)
+            torch.ops.relora_testing.merge_portable_(W, A, B, 1.0, "nearest", 0)
         assert torch.equal(W, before)
 
 

@@ -1,135 +1,23 @@
-// The relora operators: schemas, CPU implementations through the C kernels, and a portable
-// implementation in ATen ops for every other device (CUDA included).
-//
-// Layering: relora_ext/ops.py (argument checks with clear messages, fake registrations)
-//           -> torch.ops.relora.* (this file) -> csrc/kernels/*.c (raw pointers, OpenMP).
-// The checks here repeat only what keeps the process safe when an op is called directly.
-//
-// The portable implementations are also registered as relora::*_portable ops so that the test
-// suite can compare them with the C kernels on a machine without a GPU.
-
-#include <Python.h>
-
+// Portable implementations of merge_, reset_ and prune_ in ATen ops, registered for every device
+// without a native kernel (CompositeExplicitAutograd: CUDA and the rest). Philox words and normals
+// are bit-identical to the C kernels' (normals: on devices whose fp32 ops round to nearest, as the C
+// kernel's do). Temporaries are chunked so that none is the size of W.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <string>
+
+#include "ops/common.h"
+#include "ops/portable/cycle_kernels.h"
 
 extern "C" {
-#include "kernels/merge.h"
 #include "kernels/philox.h"
 #include "kernels/prune.h"
-#include "kernels/reset.h"
 }
 
 namespace relora {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// helpers
-
-relora_dtype kernel_dtype(const at::Tensor& t, const char* op, const char* arg) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return RELORA_F32;
-    case at::kBFloat16: return RELORA_BF16;
-    case at::kHalf: return RELORA_F16;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": ", arg, " must be float32, bfloat16 or float16, got ",
-                       t.scalar_type());
-  }
-  return RELORA_F32;  // unreachable
-}
-
-void check_status(relora_status status, const char* op) {
-  if (status == RELORA_OK) return;
-  if (status == RELORA_ERR_NOMEM) throw std::bad_alloc();
-  TORCH_CHECK_VALUE(false, op, ": ", relora_status_string(status));
-}
-
-// Seeds and offsets travel through the schema as int64; the kernels read them as uint64.
-uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
-
-relora_rounding parse_rounding(c10::string_view rounding) {
-  if (rounding == "nearest") return RELORA_ROUND_NEAREST;
-  if (rounding == "stochastic") return RELORA_ROUND_STOCHASTIC;
-  TORCH_CHECK_VALUE(false, "merge_: rounding must be 'nearest' or 'stochastic', got '",
-                    std::string(rounding), "'");
-  return RELORA_ROUND_NEAREST;
-}
-
-void check_merge_args(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B) {
-  TORCH_CHECK_VALUE(W.dim() == 2 && A.dim() == 2 && B.dim() == 2,
-                    "merge_: W, A and B must be 2-D, got ", W.dim(), "-D, ", A.dim(), "-D and ",
-                    B.dim(), "-D");
-  TORCH_CHECK_VALUE(B.size(0) == W.size(0) && A.size(1) == W.size(1) && B.size(1) == A.size(0),
-                    "merge_: expected W (out, in), B (out, r), A (r, in), got W ", W.sizes(),
-                    ", B ", B.sizes(), ", A ", A.sizes());
-  TORCH_CHECK_VALUE(A.size(0) >= 1, "merge_: rank r must be >= 1, got A ", A.sizes());
-  TORCH_CHECK_TYPE(A.scalar_type() == B.scalar_type(), "merge_: A and B must share a dtype, got ",
-                   A.scalar_type(), " and ", B.scalar_type());
-  TORCH_CHECK_VALUE(A.device() == W.device() && B.device() == W.device(),
-                    "merge_: W, A and B must be on one device, got ", W.device(), ", ",
-                    A.device(), ", ", B.device());
-}
-
-// ---------------------------------------------------------------------------------------------
-// CPU: the C kernels
-
-void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale,
-               c10::string_view rounding, int64_t seed) {
-  check_merge_args(W, A, B);
-  const relora_dtype wdt = kernel_dtype(W, "merge_", "W");
-  const relora_dtype adt = kernel_dtype(A, "merge_", "A");
-  TORCH_CHECK_VALUE(W.stride(1) == 1 || W.size(1) <= 1,
-                    "merge_: W must have unit column stride, got strides ", W.strides());
-  const int64_t ldw = W.size(0) <= 1 ? W.size(1) : W.stride(0);
-  TORCH_CHECK_VALUE(ldw >= W.size(1), "merge_: W's rows overlap, got strides ", W.strides());
-  const at::Tensor Ac = A.contiguous(), Bc = B.contiguous();
-  check_status(lora_merge(W.data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(), adt,
-                          W.size(0), W.size(1), A.size(0), static_cast<float>(scale),
-                          parse_rounding(rounding), as_u64(seed), at::get_num_threads()),
-               "merge_");
-}
-
-void reset_cpu(const at::Tensor& A, const at::Tensor& B, double std, int64_t seed, int64_t offset) {
-  const relora_dtype dt = kernel_dtype(A, "reset_", "A");
-  TORCH_CHECK_TYPE(A.scalar_type() == B.scalar_type(), "reset_: A and B must share a dtype, got ",
-                   A.scalar_type(), " and ", B.scalar_type());
-  TORCH_CHECK_VALUE(A.is_contiguous() && B.is_contiguous(),
-                    "reset_: A and B must be contiguous, got strides ", A.strides(), " and ",
-                    B.strides());
-  check_status(lora_reset(A.data_ptr(), A.numel(), B.data_ptr(), B.numel(), dt,
-                          static_cast<float>(std), as_u64(seed), as_u64(offset),
-                          at::get_num_threads()),
-               "reset_");
-}
-
-at::Tensor prune_cpu(const at::Tensor& x, double ratio, c10::string_view mode, int64_t seed,
-                     int64_t offset) {
-  const relora_dtype dt = kernel_dtype(x, "prune_", "x");
-  TORCH_CHECK_VALUE(x.is_contiguous(), "prune_: x must be contiguous, got strides ", x.strides());
-  int64_t kept = 0;
-  const int nt = at::get_num_threads();
-  if (mode == "magnitude") {
-    check_status(prune_magnitude(x.data_ptr(), dt, x.numel(), ratio, &kept, nt), "prune_");
-  } else if (mode == "random") {
-    check_status(prune_random(x.data_ptr(), dt, x.numel(), ratio, as_u64(seed), as_u64(offset),
-                              &kept, nt),
-                 "prune_");
-  } else {
-    TORCH_CHECK_VALUE(false, "prune_: mode must be 'magnitude' or 'random', got '",
-                      std::string(mode), "'");
-  }
-  return at::scalar_tensor(kept, x.options().dtype(at::kLong));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Portable: the same semantics in ATen ops, for every device without a native kernel.
-// Philox words and normals are bit-identical to the C kernels' (normals: on devices whose fp32
-// ops round to nearest, as the C kernel's do). Temporaries are chunked so that none is the size of W.
 
 constexpr int64_t kMask32 = 0xffffffffLL;
 
@@ -221,6 +109,8 @@ at::Tensor round_stochastic(const at::Tensor& v, const at::Tensor& words, at::Sc
   return at::where((hf == ax) | ~(ax <= 65504.0f), nearest, r);
 }
 
+}  // namespace
+
 void merge_portable(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale,
                     c10::string_view rounding, int64_t seed) {
   check_merge_args(W, A, B);
@@ -292,46 +182,10 @@ at::Tensor prune_portable(const at::Tensor& x, double ratio, c10::string_view mo
   return at::scalar_tensor(k, x.options().dtype(at::kLong));
 }
 
-}  // namespace
-
-// ---------------------------------------------------------------------------------------------
-// define the operators
-
-TORCH_LIBRARY(relora, m) {
-  m.def("merge_(Tensor(a!) W, Tensor A, Tensor B, float scale, str rounding, int seed) -> ()");
-  m.def("reset_(Tensor(a!) A, Tensor(b!) B, float std, int seed, int offset) -> ()");
-  m.def("prune_(Tensor(a!) x, float ratio, str selection, int seed, int offset) -> Tensor");
-  m.def("merge_portable_(Tensor(a!) W, Tensor A, Tensor B, float scale, str rounding, int seed) -> ()");
-  m.def("reset_portable_(Tensor(a!) A, Tensor(b!) B, float std, int seed, int offset) -> ()");
-  m.def("prune_portable_(Tensor(a!) x, float ratio, str selection, int seed, int offset) -> Tensor");
-}
-
-// ---------------------------------------------------------------------------------------------
-// register the CPU implementations (C kernels) and the portable ones (every other device)
-
-TORCH_LIBRARY_IMPL(relora, CPU, m) {
-  m.impl("merge_", &merge_cpu);
-  m.impl("reset_", &reset_cpu);
-  m.impl("prune_", &prune_cpu);
-}
-
 TORCH_LIBRARY_IMPL(relora, CompositeExplicitAutograd, m) {
   m.impl("merge_", &merge_portable);
   m.impl("reset_", &reset_portable);
   m.impl("prune_", &prune_portable);
-  m.impl("merge_portable_", &merge_portable);
-  m.impl("reset_portable_", &reset_portable);
-  m.impl("prune_portable_", &prune_portable);
 }
 
 }  // namespace relora
-
-// ---------------------------------------------------------------------------------------------
-// The Python module: importing relora_ext._C loads this library, which registers the ops above.
-
-static struct PyModuleDef relora_module = {
-    PyModuleDef_HEAD_INIT, "_C",
-    "Native relora operators; use them through torch.ops.relora or relora_ext.ops.", -1, nullptr,
-};
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&relora_module); }
