@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import relora_ext  # noqa: E402
 from relora_ext.demo import byte_tokens, lm_batch, load_austen  # noqa: E402
-from relora_ext.distributed import load_sharded, save_sharded  # noqa: E402
+from relora_ext.checkpoint import load_sharded, save_sharded  # noqa: E402
 from relora_ext.tiny_llama import TinyLlama, TinyLlamaConfig  # noqa: E402
 
 

@@ -2,9 +2,10 @@
 
 Importing the package loads ``relora_ext._C``, which registers the ``torch.ops.relora`` operators;
 ``relora_ext.ops`` wraps them with argument checks. The training API builds on those ops:
-``LoRALinear``/``wrap``/``unwrap`` (lora.py), ``ReLoRAOptimizer`` (optim.py), ``JaggedCosineLR``
-(schedule.py), atomic checkpoints (checkpoint.py) and the update-spectrum / training-stats helpers
-(analysis.py). Multi-process support (DDP, FSDP2) is in ``relora_ext.distributed``.
+``LoRALinear``/``wrap``/``unwrap`` (lora.py), ``ReLoRAOptimizer`` (optim.py), the cycle it runs, all or
+nothing (cycle.py), ``JaggedCosineLR`` (schedule.py), checkpoints, one file or sharded (checkpoint.py),
+and the update-spectrum / training-stats helpers (analysis.py). Argument checks live in _checks.py;
+multi-process support (DDP consistency checks, FSDP2 shard-wise merge and prune) in distributed.py.
 """
 
 import torch  # noqa: F401  (loads libtorch before _C links against it)
@@ -12,14 +13,15 @@ import torch  # noqa: F401  (loads libtorch before _C links against it)
 from . import _C  # noqa: F401  (registers torch.ops.relora.*)
 from . import ops
 from .analysis import TrainingStats, UpdateTracker, effective_rank, optimizer_state_bytes, update_spectrum
-from .checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_save, load_checkpoint, load_sharded, save_checkpoint, save_sharded
+from .cycle import CycleRefused
 from .lora import LoRALinear, lora_layers, unwrap, wrap
 from .optim import ReLoRAOptimizer
 from .schedule import JaggedCosineLR
 
 __all__ = [
     "ops", "LoRALinear", "wrap", "unwrap", "lora_layers", "ReLoRAOptimizer", "JaggedCosineLR",
-    "save_checkpoint", "load_checkpoint", "atomic_save", "effective_rank", "update_spectrum",
+    "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "atomic_save", "CycleRefused", "effective_rank", "update_spectrum",
     "UpdateTracker", "TrainingStats", "optimizer_state_bytes",
 ]
 __version__ = "0.1.0"

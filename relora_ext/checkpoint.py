@@ -1,11 +1,19 @@
-"""Checkpoints for exact resume: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`atomic_save`.
+"""Checkpoints for exact resume, all or nothing: :func:`save_checkpoint`, :func:`load_checkpoint` (one
+file), :func:`save_sharded`, :func:`load_sharded` (a directory, one shard per rank), :func:`atomic_save`.
 
-A checkpoint holds the model, the optimizer (with :class:`~relora_ext.optim.ReLoRAOptimizer`'s counters),
-the scheduler, an optional :class:`torch.amp.GradScaler`, the random-number states that training
-consumes (torch's CPU generator, CUDA generators if any, Python's :mod:`random`) and any extra
-picklable-safe data (e.g. a data generator's ``get_state()``). The ReLoRA* resets themselves need no
-saved RNG: they are a pure function of (seed, layer, cycle). Resuming mid-cycle on CPU gives
-bit-identical subsequent losses compared with an uninterrupted run.
+A checkpoint holds the model, the optimizer (with :class:`~relora_ext.optim.ReLoRAOptimizer`'s settings
+and counters), the scheduler, an optional :class:`torch.amp.GradScaler`, the random-number states that
+training consumes (torch's CPU generator, CUDA generators if any, Python's :mod:`random`), the adapter
+settings of every :class:`~relora_ext.lora.LoRALinear` (``r``, ``alpha``, ``init_std``) and any extra data
+that ``torch.load(weights_only=True)`` can read back (e.g. a data generator's ``get_state()``). The
+ReLoRA* resets themselves need no saved RNG: they are a pure function of (seed, layer, cycle). Resuming
+mid-cycle on CPU gives bit-identical subsequent losses compared with an uninterrupted run.
+
+Safety: a save is atomic (a reader sees the old file or the whole new one; temporary files that a killed
+save left behind are removed by the next save or load); a SHA-256 digest of the content detects a
+corrupted file; a load checks the whole checkpoint against the objects it is given (keys, shapes, adapter
+settings, optimizer type and parameter groups, ReLoRA* settings) before it loads anything, so a refused
+load raises :class:`ValueError` and changes nothing.
 
 Example::
 
@@ -16,6 +24,9 @@ Example::
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import io
 import os
 import random
 import tempfile
@@ -23,25 +34,56 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-__all__ = ["atomic_save", "save_checkpoint", "load_checkpoint", "get_rng_state", "set_rng_state"]
+__all__ = [
+    "atomic_save", "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "get_rng_state",
+    "set_rng_state", "adapter_settings", "check_optimizer_state",
+]
 
-FORMAT = "relora_ext.checkpoint/1"
+FORMAT = "relora_ext.checkpoint/2"
+_OLD_FORMATS = ("relora_ext.checkpoint/1",)  # no digest, no adapter settings: loaded with fewer checks
+#: File (inside a :func:`save_sharded` directory) holding the counters, scheduler state and ``extra``.
+META_FILE = "relora_meta.pt"
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Remove the temporary files of :func:`atomic_save` for ``path`` whose writing process is gone."""
+    directory, base = os.path.split(os.path.abspath(path))
+    for tmp in glob.glob(os.path.join(glob.escape(directory), glob.escape(f".{base}.") + "*.tmp")):
+        pid = os.path.basename(tmp)[len(base) + 2:].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save(obj, path)`` atomically: a reader sees the old file or the complete new one, never half.
 
-    Writes a temporary file in ``path``'s directory, flushes and ``fsync``\\s it, renames it over ``path``
-    with :func:`os.replace` (atomic on POSIX and Windows) and ``fsync``\\s the directory. On any error the
-    temporary file is removed and ``path`` is left as it was.
+    Writes a temporary file ``.{name}.{pid}.*.tmp`` in ``path``'s directory, flushes and ``fsync``\\s it,
+    renames it over ``path`` with :func:`os.replace` (atomic on POSIX and Windows) and ``fsync``\\s the
+    directory. On any error the temporary file is removed and ``path`` is left as it was; the temporary
+    files of a killed save (whose process is gone) are removed by the next save.
 
     Example: ``atomic_save({"step": 3, "w": torch.ones(2)}, "runs/x.pt")``.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -66,6 +108,61 @@ def atomic_save(obj: Any, path: PathLike) -> None:
         os.close(dfd)
 
 
+def _digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content: its structure, every value, every tensor's dtype, shape and bytes."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            if t.numel():
+                h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)};".encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{type(o).__name__[0]}{len(o)};".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"{type(o).__name__}:{o!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _load_file(path: str, map_location: Any, where: str) -> Any:
+    """``torch.load(weights_only=True)``, with a damaged file reported as such."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - zip, pickle and I/O errors of a truncated or corrupted file
+        raise ValueError(f"{where}: {path!r} is truncated or corrupted and cannot be read "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _check_loadable(extra: Dict[str, Any], where: str) -> None:
+    """Refuse (before writing) ``extra`` values that ``torch.load(weights_only=True)`` could not read back."""
+    for key, value in extra.items():
+        buf = io.BytesIO()
+        try:
+            torch.save(value, buf)
+            buf.seek(0)
+            torch.load(buf, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise TypeError(
+                f"{where}: extra[{key!r}] ({type(value).__name__}) could not be loaded back with "
+                "torch.load(weights_only=True); store tensors, numbers, strings, and lists/dicts/tuples of them "
+                f"({type(e).__name__})") from None
+
+
+# -- RNG ----------------------------------------------------------------------------------------------
+
+
 def get_rng_state() -> Dict[str, Any]:
     """The random states training consumes: torch CPU, every CUDA device (if available), Python ``random``.
 
@@ -88,6 +185,97 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# -- what a checkpoint must match ------------------------------------------------------------------------
+
+
+def adapter_settings(model: torch.nn.Module) -> Dict[str, Dict[str, Any]]:
+    """``{layer name: {"r", "alpha", "init_std", "in_features", "out_features"}}`` for every LoRALinear.
+
+    Saved in every checkpoint and compared on load: the same weights under another ``alpha`` compute
+    another function. Example: ``adapter_settings(model)["0"]["alpha"]``.
+    """
+    from .lora import lora_layers
+
+    return {name: {"r": layer.r, "alpha": layer.alpha, "init_std": layer.init_std,
+                   "in_features": layer.in_features, "out_features": layer.out_features}
+            for name, layer in lora_layers(model)}
+
+
+def _check_model_state(model: torch.nn.Module, saved: Dict[str, Any], strict: bool, where: str) -> None:
+    current = model.state_dict()
+    if strict:
+        missing = sorted(set(current) - set(saved))
+        unexpected = sorted(set(saved) - set(current))
+        if missing or unexpected:
+            raise ValueError(f"{where}: the checkpoint's model state does not match the model: missing keys "
+                             f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected keys "
+                             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for k in sorted(set(current) & set(saved)):
+        a, b = current[k], saved[k]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"{where}: {k!r} has shape {tuple(b.shape)} in the checkpoint but {tuple(a.shape)} "
+                             "in the model")
+
+
+def _check_adapters(model: torch.nn.Module, saved: Dict[str, Any], where: str) -> None:
+    current = adapter_settings(model)
+    for name in sorted(set(current) | set(saved)):
+        if name not in saved:
+            raise ValueError(f"{where}: layer {name!r} is a LoRALinear in the model but not in the checkpoint")
+        if name not in current:
+            raise ValueError(f"{where}: layer {name!r} is a LoRALinear in the checkpoint but not in the model")
+        for k, v in saved[name].items():
+            if current[name].get(k) != v:
+                raise ValueError(f"{where}: layer {name!r} was saved with {k}={v!r} but the model has "
+                                 f"{k}={current[name].get(k)!r}; wrap the model with the saved settings")
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, where: str) -> None:
+    """Raise :class:`ValueError` if ``optimizer.load_state_dict(state_dict)`` would fail or load state that
+    does not fit: another optimizer's hyper-parameter keys, other group sizes, state shaped unlike its
+    parameter. Changes nothing. (A :class:`~relora_ext.optim.ReLoRAOptimizer` checks its settings too.)"""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError(f"{where}: expected an optimizer state dict with 'state' and 'param_groups', got "
+                         f"{type(state_dict).__name__}")
+    groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError(f"{where}: the optimizer state has {len(saved_groups)} parameter groups, the optimizer "
+                         f"has {len(groups)}")
+    params = {}
+    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+        if len(g["params"]) != len(sg["params"]):
+            raise ValueError(f"{where}: parameter group {i} holds {len(sg['params'])} parameters in the state but "
+                             f"{len(g['params'])} in the optimizer")
+        missing = sorted(set(g) - set(sg) - {"params"})
+        if missing:
+            raise ValueError(f"{where}: parameter group {i} of the state lacks {missing}: it was saved from another "
+                             f"optimizer type than {type(optimizer).__name__}")
+        params.update(zip(sg["params"], g["params"]))
+    for pid, st in state_dict["state"].items():
+        p = params.get(pid)
+        if p is None:
+            raise ValueError(f"{where}: the optimizer state holds parameter id {pid!r}, which no group lists")
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"{where}: optimizer state {k!r} of parameter {pid} has shape {tuple(v.shape)} "
+                                 f"but the parameter has shape {tuple(p.shape)}")
+
+
+def _check_optimizer(optimizer, state_dict, saved_type: Optional[str], where: str) -> None:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if saved_type is not None and saved_type != type(optimizer).__qualname__:
+        raise ValueError(f"{where}: the optimizer state was saved from a {saved_type}, the optimizer given is a "
+                         f"{type(optimizer).__qualname__}")
+    check = getattr(optimizer, "check_state_dict", None)
+    if callable(check):
+        check(state_dict, where)
+    else:
+        check_optimizer_state(inner, state_dict, where)
+
+
+# -- one-file checkpoints ------------------------------------------------------------------------------
+
+
 def save_checkpoint(
     path: PathLike,
     *,
@@ -102,25 +290,31 @@ def save_checkpoint(
 
     Args:
         path: the file to (over)write, via :func:`atomic_save`.
-        model: its ``state_dict()`` is saved (a wrapped model saves ``weight``, ``lora_A``, ``lora_B``, ...).
-        optimizer, scheduler, scaler: anything with ``state_dict()``; ``None`` to skip.
-        extra: a dict of tensors, numbers, strings, lists/dicts of them (loadable with
-            ``weights_only=True``), e.g. ``{"step": step, "data_rng": gen.get_state()}``.
+        model: its ``state_dict()`` is saved (a wrapped model saves ``weight``, ``lora_A``, ``lora_B``, ...),
+            and the adapter settings of its LoRALinear layers (:func:`adapter_settings`).
+        optimizer, scheduler, scaler: anything with ``state_dict()``; ``None`` to skip. Their types are saved
+            and checked on load.
+        extra: a dict of tensors, numbers, strings, lists/dicts of them, e.g. ``{"step": step,
+            "data_rng": gen.get_state()}``. A value that ``torch.load(weights_only=True)`` could not read back
+            is refused with :class:`TypeError` before anything is written.
         rng: also save :func:`get_rng_state` (default ``True``; needed for bit-identical resume when
             dropout or random data order use the global generators).
 
     Example: ``save_checkpoint("runs/demo/ckpt.pt", model=model, optimizer=opt, scheduler=sched)``.
     """
-    ckpt: Dict[str, Any] = {"format": FORMAT, "model": model.state_dict()}
-    if optimizer is not None:
-        ckpt["optimizer"] = optimizer.state_dict()
-    if scheduler is not None:
-        ckpt["scheduler"] = scheduler.state_dict()
-    if scaler is not None:
-        ckpt["scaler"] = scaler.state_dict()
+    extra = dict(extra) if extra else {}
+    _check_loadable(extra, "save_checkpoint")
+    ckpt: Dict[str, Any] = {"format": FORMAT, "model": model.state_dict(), "adapters": adapter_settings(model)}
+    types = {}
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            ckpt[name] = obj.state_dict()
+            types[name] = type(obj).__qualname__
+    ckpt["types"] = types
     if rng:
         ckpt["rng"] = get_rng_state()
-    ckpt["extra"] = dict(extra) if extra else {}
+    ckpt["extra"] = extra
+    ckpt["sha256"] = _digest(ckpt)
     atomic_save(ckpt, path)
 
 
@@ -139,25 +333,144 @@ def load_checkpoint(
 
     Build the objects exactly as for the original run (same :func:`relora_ext.wrap` call, optimizer over
     the same parameters, same scheduler settings), then call this. Uses ``torch.load(weights_only=True)``.
+    Everything is checked before anything is loaded, so a refused load changes nothing.
 
     Raises:
-        ValueError: the file is not a relora_ext checkpoint, or it lacks a state asked for (e.g. an
-            ``optimizer`` was passed but none was saved).
+        ValueError: the file is truncated or corrupted (its SHA-256 digest does not match), is not a
+            relora_ext checkpoint, lacks a state asked for, or does not fit the objects given: other model
+            keys or shapes (``strict``), other adapter settings (``r``, ``alpha``, ``init_std``, layers),
+            another optimizer type or parameter groups, other ReLoRA* settings, another scheduler type.
 
     Example: ``extra = load_checkpoint("runs/demo/ckpt.pt", model=model, optimizer=opt, scheduler=sched)``.
     """
-    ckpt = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"load_checkpoint: {os.fspath(path)!r} is not a {FORMAT} checkpoint (format: {got!r})")
+    where = "load_checkpoint"
+    path = os.fspath(path)
+    _remove_stale_temporaries(path)
+    ckpt = _load_file(path, map_location, where)
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if fmt not in (FORMAT, *_OLD_FORMATS):
+        raise ValueError(f"{where}: {path!r} is not a {FORMAT} checkpoint (format: {fmt!r})")
+    if fmt == FORMAT:
+        saved_digest = ckpt.pop("sha256", None)
+        if saved_digest != _digest(ckpt):
+            raise ValueError(f"{where}: {path!r} is corrupted: its content does not match its SHA-256 digest")
+        _check_adapters(model, ckpt["adapters"], where)
+    types = ckpt.get("types", {})
     targets = [(name, obj) for name, obj in (("optimizer", optimizer), ("scheduler", scheduler),
                                              ("scaler", scaler)) if obj is not None]
-    for name, _ in targets:  # refuse before anything is loaded, so that a refused load changes nothing
+    for name, obj in targets:
         if name not in ckpt:
-            raise ValueError(f"load_checkpoint: {name} given but {os.fspath(path)!r} holds no {name} state")
+            raise ValueError(f"{where}: {name} given but {path!r} holds no {name} state")
+    _check_model_state(model, ckpt["model"], strict, where)
+    if optimizer is not None:
+        _check_optimizer(optimizer, ckpt["optimizer"], types.get("optimizer"), where)
+    for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None and types.get(name, type(obj).__qualname__) != type(obj).__qualname__:
+            raise ValueError(f"{where}: the {name} state was saved from a {types[name]}, the {name} given is a "
+                             f"{type(obj).__qualname__}")
+    # every check passed: load
     model.load_state_dict(ckpt["model"], strict=strict)
     for name, obj in targets:
         obj.load_state_dict(ckpt[name])
     if rng and "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     return ckpt.get("extra", {})
+
+
+# -- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------------
+
+
+def save_sharded(path: str, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                 extra: Optional[Dict[str, Any]] = None) -> None:
+    """Save a (DDP or FSDP2) model and :class:`~relora_ext.optim.ReLoRAOptimizer` with
+    :mod:`torch.distributed.checkpoint`: every rank writes its own shards into the directory ``path``.
+
+    Collective. The optimizer state goes through :func:`torch.distributed.checkpoint.state_dict.get_state_dict`
+    (fully-qualified parameter names, DTensor shards); the wrapper's counters (``steps_taken``,
+    ``cycles_done``, seed, ...), the scheduler's ``state_dict()`` and ``extra`` are saved alongside.
+    Example: ``save_sharded("runs/ckpt-100", model=model, optimizer=opt, scheduler=sched, extra={"step": 100})``.
+    """
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+
+    inner, meta = _split_optimizer(optimizer)
+    state = _dcp_state(model, inner)
+    # Never half-written: every rank writes into a temporary directory beside `path`, and rank 0 moves the
+    # complete checkpoint into place once all ranks are done (a crash leaves the old checkpoint intact).
+    final = os.fspath(path).rstrip(os.sep)
+    tmp, old = final + ".tmp", final + ".old"
+    lead = not dist.is_initialized() or dist.get_rank() == 0
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    # small non-tensor data: one file written by rank 0 (DCP would flatten the dicts into per-key entries)
+    meta_obj = {"relora": meta or {}, "adapters": adapter_settings(model), "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "extra": dict(extra) if extra else {}}
+    if lead:
+        atomic_save(meta_obj, os.path.join(tmp, META_FILE))
+    barrier()
+    if lead:
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_sharded(path: str, *, model: torch.nn.Module, optimizer=None, scheduler=None) -> Dict[str, Any]:
+    """Load what :func:`save_sharded` wrote into objects built as for the original run (same ``wrap``,
+    ``fully_shard``/DDP, optimizer and scheduler settings, same world size for FSDP2 not required: DCP
+    reshards). Collective. Returns ``extra``. Example: ``extra = load_sharded(path, model=model, optimizer=opt)``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    inner, _ = _split_optimizer(optimizer)
+    saved = torch.load(os.path.join(os.fspath(path), META_FILE), map_location="cpu", weights_only=True)
+    if optimizer is not None and optimizer is not inner:  # refuse other settings before loading anything
+        optimizer.settings.check_saved(saved["relora"], "load_sharded")
+    if "adapters" in saved:
+        _check_adapters(model, saved["adapters"], "load_sharded")
+    state = _dcp_state(model, inner)
+    dcp.load(state, checkpoint_id=os.fspath(path))
+    state.update(saved)
+    if inner is not None:
+        set_state_dict(model, inner, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state["model"])
+    if optimizer is not None and optimizer is not inner:
+        optimizer._set_counters(state["relora"])
+    if scheduler is not None and state["scheduler"]:
+        scheduler.load_state_dict(state["scheduler"])
+    return state["extra"]
+
+
+def _dcp_state(model: torch.nn.Module, inner) -> Dict[str, Any]:
+    """The DCP state of ``model`` (and of the wrapped optimizer ``inner``, if any): fully-qualified names,
+    DTensor shards as they are."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if inner is None:
+        return {"model": get_model_state_dict(model)}
+    msd, osd = get_state_dict(model, inner)
+    return {"model": msd, "optim": osd}
+
+
+def _split_optimizer(optimizer):
+    """``(inner optimizer, ReLoRA* settings and counters)``; ``(optimizer, None)`` for a plain optimizer."""
+    if optimizer is None:
+        return None, None
+    settings = getattr(optimizer, "settings", None)
+    if settings is None:
+        return optimizer, None
+    from .optim import COUNTERS
+
+    return optimizer.optimizer, {**settings.to_dict(), **{k: getattr(optimizer, k) for k in COUNTERS}}

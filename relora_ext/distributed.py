@@ -32,8 +32,8 @@ bit-identical ``W``, ``A``, ``B`` and optimizer state without broadcasting anyth
   the largest magnitude — the same entries as :func:`relora_ext.ops.prune_` on the full tensor. See
   :func:`distributed_magnitude_prune_` for the selection.
 
-**Sharded checkpoints**: :func:`save_sharded` / :func:`load_sharded` with
-:mod:`torch.distributed.checkpoint` (each rank writes its own shards).
+Sharded checkpoints (:func:`relora_ext.checkpoint.save_sharded` / ``load_sharded``) are in
+:mod:`relora_ext.checkpoint`.
 
 Example (``torchrun --nproc_per_node=2 train.py``)::
 
@@ -47,7 +47,6 @@ Example (``torchrun --nproc_per_node=2 train.py``)::
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -55,13 +54,11 @@ import torch
 __all__ = [
     "is_distributed", "is_dtensor", "fingerprint", "check_consistency", "draw_hashes",
     "merge_and_reset_sharded_", "prune_sharded_", "distributed_magnitude_prune_", "keep_count",
-    "save_sharded", "load_sharded", "ConsistencyError",
+    "ConsistencyError",
 ]
 
 #: Elements processed per chunk by the distributed selection (bounds its temporaries).
 CHUNK = 1 << 20
-#: File (inside a :func:`save_sharded` directory) holding the counters, scheduler state and ``extra``.
-META_FILE = "relora_meta.pt"
 #: Bits per radix pass of the distributed selection (2048-bin histograms).
 RADIX_BITS = 11
 
@@ -437,102 +434,3 @@ def prune_sharded_(x, ratio: float, *, mode: str = "magnitude", seed: Optional[i
     r0, r1 = _local_rows(x, "the optimizer state")
     local.masked_fill_(mask[r0:r1] == 0, 0)   # not mul_: NaN * 0 is NaN, and -x * 0 is -0.0
     return kept
-
-
-# ------------------------------------------------------------------------------------------------
-# sharded checkpoints
-
-
-def save_sharded(path: str, *, model: torch.nn.Module, optimizer=None, scheduler=None,
-                 extra: Optional[Dict[str, Any]] = None) -> None:
-    """Save a (DDP or FSDP2) model and :class:`~relora_ext.optim.ReLoRAOptimizer` with
-    :mod:`torch.distributed.checkpoint`: every rank writes its own shards into the directory ``path``.
-
-    Collective. The optimizer state goes through :func:`torch.distributed.checkpoint.state_dict.get_state_dict`
-    (fully-qualified parameter names, DTensor shards); the wrapper's counters (``steps_taken``,
-    ``cycles_done``, seed, ...), the scheduler's ``state_dict()`` and ``extra`` are saved alongside.
-    Example: ``save_sharded("runs/ckpt-100", model=model, optimizer=opt, scheduler=sched, extra={"step": 100})``.
-    """
-    import shutil
-
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-
-    from .checkpoint import atomic_save
-
-    inner, meta = _split_optimizer(optimizer)
-    state = _dcp_state(model, inner)
-    # Never half-written: every rank writes into a temporary directory beside `path`, and rank 0 moves the
-    # complete checkpoint into place once all ranks are done (a crash leaves the old checkpoint intact).
-    final = os.fspath(path).rstrip(os.sep)
-    tmp, old = final + ".tmp", final + ".old"
-    lead = not dist.is_initialized() or dist.get_rank() == 0
-    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
-    if lead:
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    dcp.save(state, checkpoint_id=tmp)
-    # small non-tensor data: one file written by rank 0 (DCP would flatten the dicts into per-key entries)
-    meta_obj = {"relora": meta or {}, "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                "extra": dict(extra) if extra else {}}
-    if lead:
-        atomic_save(meta_obj, os.path.join(tmp, META_FILE))
-    barrier()
-    if lead:
-        if os.path.exists(final):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def load_sharded(path: str, *, model: torch.nn.Module, optimizer=None, scheduler=None) -> Dict[str, Any]:
-    """Load what :func:`save_sharded` wrote into objects built as for the original run (same ``wrap``,
-    ``fully_shard``/DDP, optimizer and scheduler settings, same world size for FSDP2 not required: DCP
-    reshards). Collective. Returns ``extra``. Example: ``extra = load_sharded(path, model=model, optimizer=opt)``.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    inner, _ = _split_optimizer(optimizer)
-    saved = torch.load(os.path.join(os.fspath(path), META_FILE), map_location="cpu", weights_only=True)
-    if optimizer is not None and optimizer is not inner:  # refuse other settings before loading anything
-        optimizer._check_saved(saved["relora"], "load_sharded")
-    state = _dcp_state(model, inner)
-    dcp.load(state, checkpoint_id=os.fspath(path))
-    state.update(saved)
-    if inner is not None:
-        set_state_dict(model, inner, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    else:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(model, state["model"])
-    if optimizer is not None and optimizer is not inner:
-        optimizer._set_counters(state["relora"])
-    if scheduler is not None and state["scheduler"]:
-        scheduler.load_state_dict(state["scheduler"])
-    return state["extra"]
-
-
-def _dcp_state(model: torch.nn.Module, inner) -> Dict[str, Any]:
-    """The DCP state of ``model`` (and of the wrapped optimizer ``inner``, if any): fully-qualified names,
-    DTensor shards as they are."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-    if inner is None:
-        return {"model": get_model_state_dict(model)}
-    msd, osd = get_state_dict(model, inner)
-    return {"model": msd, "optim": osd}
-
-
-def _split_optimizer(optimizer):
-    if optimizer is None:
-        return None, None
-    inner = getattr(optimizer, "optimizer", None)
-    if inner is None or not hasattr(optimizer, "cycles_done"):
-        return optimizer, None
-    meta = {k: getattr(optimizer, k) for k in (
-        "steps_taken", "cycles_done", "last_prune_kept", "last_prune_total", "reset_every", "prune_ratio", "prune",
-        "seed", "rounding", "prune_guard")}
-    return inner, meta

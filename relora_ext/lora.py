@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_float, check_rank
+
 __all__ = ["LoRALinear", "wrap", "unwrap", "lora_layers"]
 
 #: What ``target_modules`` / ``exclude_modules`` of :func:`wrap` accept.
@@ -44,29 +46,6 @@ def _ops():
     from . import ops
 
     return ops
-
-
-def _check_rank(r, in_features: int, out_features: int, where: str) -> int:
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"{where}: r must be an int, got {type(r).__name__} ({r!r})")
-    if r <= 0 or r > min(in_features, out_features):
-        raise ValueError(
-            f"{where}: r must satisfy 1 <= r <= min(in_features, out_features) = "
-            f"{min(in_features, out_features)} (in_features={in_features}, out_features={out_features}), got r={r}"
-        )
-    return r
-
-
-def _check_float(name: str, value, where: str, *, lo: float, hi: float = math.inf, lo_open: bool = False,
-                 hi_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where}: {name} must be a float, got {type(value).__name__} ({value!r})")
-    v = float(value)
-    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open or hi == math.inf else ']'}"
-        raise ValueError(f"{where}: {name} must be a finite number in {interval}, got {value!r}")
-    return v
 
 
 #: Up to this rank the backward computes ∂B as (s hᵀ G)ᵀ: CPU GEMMs (MKL/oneDNN, fp32 and bf16) with a
@@ -217,15 +196,15 @@ class LoRALinear(nn.Module):
         out_features, in_features = weight.shape
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.r = _check_rank(r, self.in_features, self.out_features, where)
+        self.r = check_rank(where, r, self.in_features, self.out_features)
         if alpha is None:
             alpha = float(self.r)
-        self.alpha = _check_float("alpha", alpha, where, lo=0.0, lo_open=True)
+        self.alpha = check_float(where, "alpha", alpha, lo=0.0, lo_open=True)
         self.scaling = self.alpha / self.r
-        p = _check_float("dropout", dropout, where, lo=0.0, hi=1.0, hi_open=True)
+        p = check_float(where, "dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
         if init_std is None:
             init_std = 1.0 / math.sqrt(self.in_features)
-        self.init_std = _check_float("init_std", init_std, where, lo=0.0)
+        self.init_std = check_float(where, "init_std", init_std, lo=0.0)
 
         weight.requires_grad_(False)
         self.weight = weight
@@ -334,6 +313,9 @@ class LoRALinear(nn.Module):
         (:func:`relora_ext.ops.reset_`), so it does not depend on the thread count or on the process (every
         data-parallel rank draws the same ``A``). The layer's function is unchanged up to one rounding of
         ``W``. ``rounding``/``merge_seed`` are passed to the merge (``"stochastic"`` needs ``merge_seed``).
+        All or nothing: if the merge or the reset would be refused (NaN/Inf in ``A`` or ``B``, a
+        non-contiguous ``A``/``B``, an unsupported dtype or device), :class:`relora_ext.cycle.CycleRefused`
+        is raised before anything is written.
 
         Example::
 
@@ -342,8 +324,17 @@ class LoRALinear(nn.Module):
             >>> layer.merge_and_reset_(seed=0, offset=1)
             >>> torch.testing.assert_close(layer(x), y0)
         """
-        self.merge_(rounding=rounding, seed=merge_seed)
-        _ops().reset_(self.lora_A, self.lora_B, std=self.init_std, seed=seed, offset=offset)
+        from .cycle import merge_and_reset_layer_
+
+        merge_and_reset_layer_(self, seed=seed, offset=offset, rounding=rounding, merge_seed=merge_seed)
+
+    def _check_mergeable(self, where: str, name: str = "") -> None:
+        from .cycle import CycleRefused, check_layer
+
+        problem = check_layer(name, self)
+        if problem is not None:
+            at = f" layer {name!r}:" if name else ""
+            raise CycleRefused(f"{where}: refused, nothing was changed:{at} {problem}")
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -361,6 +352,7 @@ class LoRALinear(nn.Module):
             >>> type(lin).__name__, lin.weight is layer.weight
             ('Linear', True)
         """
+        self._check_mergeable("LoRALinear.to_linear")
         self.merge_()
         self.lora_B.zero_()
         lin = nn.Linear.__new__(nn.Linear)
@@ -476,9 +468,12 @@ def wrap(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap: model must be an nn.Module, got {type(model).__name__}")
+    settings = dict(r=r, alpha=alpha, dropout=dropout, init_std=init_std)
+    if type(model) is nn.Linear:  # the model is one layer: it cannot be replaced in place, return its adapter
+        return LoRALinear.from_linear(model, **settings)
     default_excluded = _default_excluded(model) if target_modules is None else set()
     candidates = []
-    chosen = []
+    chosen = {}  # id -> (first name, module); a module used at several places is adapted once
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear:
             continue
@@ -490,23 +485,39 @@ def wrap(
         if ok and exclude_modules is not None and _name_matches(name, mod, exclude_modules, "exclude_modules"):
             ok = False
         if ok:
-            chosen.append(name)
+            chosen[id(mod)] = (name, mod)
     if not chosen:
+        if not candidates and lora_layers(model):
+            raise ValueError(f"wrap: {type(model).__name__} is already wrapped (it holds LoRALinear layers and no "
+                             "nn.Linear); call relora_ext.unwrap(model) first to wrap it again")
         shown = ", ".join(repr(c) for c in candidates[:12]) + (" ..." if len(candidates) > 12 else "")
         raise ValueError(
             f"wrap: no nn.Linear layer of {type(model).__name__} matched target_modules={target_modules!r}, "
             f"exclude_modules={exclude_modules!r}; nn.Linear layers present: [{shown}]"
         )
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lin = getattr(parent, child)
+    # Check every chosen layer before changing any (a refused wrap leaves the model as it was).
+    owners: dict = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(id(mod), name)
+    for name, lin in chosen.values():
+        sharers = [n for mid, n in owners[id(lin.weight)].items() if mid != id(lin)]
+        if sharers:
+            raise ValueError(
+                f"wrap: cannot adapt layer {name!r}: its weight is shared with {sharers} (tied weights); a merge "
+                "would change those modules too. Leave it out (exclude_modules) or untie the weights first")
         try:
-            new = LoRALinear.from_linear(lin, r=r, alpha=alpha, dropout=dropout, init_std=init_std)
+            check_rank("LoRALinear.from_linear", r, lin.in_features, lin.out_features)
         except ValueError as e:
             raise ValueError(f"wrap: cannot adapt layer {name!r}: {e}") from None
-        new.train(lin.training)
-        setattr(parent, child, new)
+    new = {}
+    for key, (name, lin) in chosen.items():
+        new[key] = LoRALinear.from_linear(lin, **settings)
+        new[key].train(lin.training)
+    for _, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in new:
+                setattr(parent, child_name, new[id(child)])
     return model
 
 
@@ -525,7 +536,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     Each :class:`LoRALinear` is replaced by :meth:`LoRALinear.to_linear` (the merged weight and the bias
     Parameters are kept, not copied), so ``model.state_dict()`` has the keys of the unmodified
     architecture and loads into it with ``strict=True``. A model holding the same :class:`LoRALinear` twice
-    is handled (one merge per layer).
+    is handled (one merge per layer). All or nothing: if any layer cannot be merged (NaN/Inf in its
+    adapter, say), :class:`relora_ext.cycle.CycleRefused` names it and no layer is changed.
 
     Example::
 
@@ -538,6 +550,8 @@ def unwrap(model: nn.Module) -> nn.Module:
         raise TypeError(f"unwrap: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, LoRALinear):
         return model.to_linear()
+    for name, layer in lora_layers(model):  # all or nothing: check every layer before merging any
+        layer._check_mergeable("unwrap", name)
     converted: dict = {}
     for name, mod in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(mod.named_children()):

@@ -12,88 +12,12 @@ for every thread count, on every machine, and on every data-parallel rank given 
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
+from ._checks import (F32_MAX, FLOAT_DTYPES, as_i64, check_choice, check_contiguous, check_disjoint, check_float,
+                      check_same_device, check_tensor, check_u64, check_writable)
+
 __all__ = ["merge_", "reset_", "prune_", "FLOAT_DTYPES"]
-
-#: dtypes the kernels accept for every tensor argument.
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-_U64 = 1 << 64
-_F32_MAX = torch.finfo(torch.float32).max  # scale and std reach the kernels as float32
-
-
-# ------------------------------------------------------------------------------------------------
-# argument checks
-
-
-def _tensor(fn: str, name: str, t, ndim: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{fn}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
-def _writable(fn: str, name: str, t: torch.Tensor) -> None:
-    if t.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            f"{fn}: {name} requires grad and would be written in place; "
-            f"call it under torch.no_grad() (got {name}.requires_grad=True with grad mode on)")
-
-
-def _contiguous(fn: str, name: str, t: torch.Tensor) -> None:
-    if not t.is_contiguous():
-        raise ValueError(
-            f"{fn}: {name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()}")
-
-
-def _same_device(fn: str, **tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        given = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"{fn}: tensors must be on one device, got {given}")
-
-
-def _disjoint(fn: str, written: str, a: torch.Tensor, other: str, b: torch.Tensor) -> None:
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
-        return  # meta tensors have no memory (every one sits at address 0)
-    if torch.compiler.is_compiling():
-        return  # storage addresses are not traceable; the kernels refuse overlap themselves
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1 = a0 + sum((s - 1) * st for s, st in zip(a.shape, a.stride())) * a.element_size()
-    b1 = b0 + sum((s - 1) * st for s, st in zip(b.shape, b.stride())) * b.element_size()
-    if a0 <= b1 and b0 <= a1:
-        raise ValueError(f"{fn}: {written} must not overlap {other} in memory")
-
-
-def _real(fn: str, name: str, v, *, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    bounds_ok = (lo is None or v >= lo) and (hi is None or v <= hi)
-    if not math.isfinite(v) or not bounds_ok:
-        want = "a finite number" if lo is None else (
-            f"a number >= {lo}" if hi is None else f"a number in [{lo}, {hi}]")
-        raise ValueError(f"{fn}: {name} must be {want}, got {v}")
-    return v
-
-
-def _u64(fn: str, name: str, v) -> int:
-    """A Python int in [0, 2**64), passed to the op as the int64 with the same bits."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
-    v = int(v)
-    if not 0 <= v < _U64:
-        raise ValueError(f"{fn}: {name} must be in [0, 2**64), got {v}")
-    return v - _U64 if v >= 1 << 63 else v
 
 
 def _random_seed() -> int:
@@ -124,9 +48,9 @@ def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *,
         tensor([1., 1., 1.])
     """
     fn = "merge_"
-    _tensor(fn, "W", W, 2)
-    _tensor(fn, "A", A, 2)
-    _tensor(fn, "B", B, 2)
+    check_tensor(fn, "W", W, 2)
+    check_tensor(fn, "A", A, 2)
+    check_tensor(fn, "B", B, 2)
     if A.dtype != B.dtype:
         raise TypeError(f"{fn}: A and B must share a dtype, got A {A.dtype} and B {B.dtype}")
     out, in_ = W.shape
@@ -137,14 +61,13 @@ def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *,
         raise ValueError(
             f"{fn}: expected W (out, in), A (r, in), B (out, r); got W {tuple(W.shape)}, "
             f"A {tuple(A.shape)}, B {tuple(B.shape)}")
-    _same_device(fn, W=W, A=A, B=B)
-    _writable(fn, "W", W)
-    _disjoint(fn, "W", W, "A", A)
-    _disjoint(fn, "W", W, "B", B)
-    scale = _real(fn, "scale", scale, lo=-_F32_MAX, hi=_F32_MAX)
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"{fn}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    seed = _u64(fn, "seed", _random_seed() if seed is None else seed)
+    check_same_device(fn, W=W, A=A, B=B)
+    check_writable(fn, "W", W)
+    check_disjoint(fn, "W", W, "A", A)
+    check_disjoint(fn, "W", W, "B", B)
+    scale = check_float(fn, "scale", scale, lo=-F32_MAX, hi=F32_MAX)
+    check_choice(fn, "rounding", rounding, ("nearest", "stochastic"))
+    seed = as_i64(check_u64(fn, "seed", _random_seed() if seed is None else seed))
     if W.stride(-1) != 1 and W.stride(0) == 1 and out > 1:
         # A transposed W (in, out) in memory: merge W.T += scale * A.T @ B.T instead.
         W, A, B = W.t(), B.t(), A.t()
@@ -170,24 +93,25 @@ def reset_(A: torch.Tensor, B: torch.Tensor, *, std: float, seed: int, offset: i
         True
     """
     fn = "reset_"
-    _tensor(fn, "A", A)
-    _tensor(fn, "B", B)
+    check_tensor(fn, "A", A)
+    check_tensor(fn, "B", B)
     if A.dtype != B.dtype:
         raise TypeError(f"{fn}: A and B must share a dtype, got A {A.dtype} and B {B.dtype}")
-    _same_device(fn, A=A, B=B)
+    check_same_device(fn, A=A, B=B)
     for name, t in (("A", A), ("B", B)):
-        _contiguous(fn, name, t)
-        _writable(fn, name, t)
-    _disjoint(fn, "A", A, "B", B)
-    std = _real(fn, "std", std, lo=0.0, hi=_F32_MAX)
-    seed, offset = _u64(fn, "seed", seed), _u64(fn, "offset", offset)
+        check_contiguous(fn, name, t)
+        check_writable(fn, name, t)
+    check_disjoint(fn, "A", A, "B", B)
+    std = check_float(fn, "std", std, lo=0.0, hi=F32_MAX)
+    seed, offset = as_i64(check_u64(fn, "seed", seed)), as_i64(check_u64(fn, "offset", offset))
     with torch.no_grad():
         torch.ops.relora.reset_(A, B, std, seed, offset)
 
 
 def prune_(x: torch.Tensor, ratio: float, *, mode: str = "magnitude", seed: int | None = None,
            offset: int = 0) -> int:
-    """Prune a tensor in place, keeping a ``1 - ratio`` share of its entries; returns the count kept.
+    """Prune a tensor in place, keeping a ``1 - ratio`` share of its entries; returns the count kept
+    (an int; a 0-dim int64 tensor for a meta ``x`` and under :func:`torch.compile`, where it is not known).
 
     ``x`` is any contiguous float32, bfloat16 or float16 tensor (``n`` entries), e.g. an Adam
     ``exp_avg``. Modes:
@@ -207,18 +131,20 @@ def prune_(x: torch.Tensor, ratio: float, *, mode: str = "magnitude", seed: int 
         (2, tensor([ 0., -3.,  2.,  0.]))
     """
     fn = "prune_"
-    _tensor(fn, "x", x)
-    _contiguous(fn, "x", x)
-    _writable(fn, "x", x)
-    ratio = _real(fn, "ratio", ratio, lo=0.0, hi=1.0)
-    if mode not in ("magnitude", "random", "reset"):
-        raise ValueError(f"{fn}: mode must be 'magnitude', 'random' or 'reset', got {mode!r}")
+    check_tensor(fn, "x", x)
+    check_contiguous(fn, "x", x)
+    check_writable(fn, "x", x)
+    ratio = check_float(fn, "ratio", ratio, lo=0.0, hi=1.0)
+    check_choice(fn, "mode", mode, ("magnitude", "random", "reset"))
     if mode == "random" and seed is None:
         raise ValueError(f"{fn}: mode='random' needs a seed, got seed=None")
-    seed = _u64(fn, "seed", 0 if seed is None else seed)
-    offset = _u64(fn, "offset", offset)
+    seed = as_i64(check_u64(fn, "seed", 0 if seed is None else seed))
+    offset = as_i64(check_u64(fn, "offset", offset))
     with torch.no_grad():
         if mode == "reset":
             x.zero_()
             return 0
-        return int(torch.ops.relora.prune_(x, ratio, mode, seed, offset))
+        kept = torch.ops.relora.prune_(x, ratio, mode, seed, offset)
+    if x.device.type == "meta" or torch.compiler.is_compiling():
+        return kept  # the count is data: unknown on meta tensors and while tracing
+    return int(kept)

@@ -20,53 +20,20 @@ The ten-line loop::
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Dict
 
 import torch
 from torch import nn
 
-from .lora import LoRALinear, lora_layers
+from ._checks import check_bool
+from .cycle import CycleRefused, CycleSettings, backend_for, prune_offset, reset_offset, run_cycle
+from .lora import lora_layers
 
 __all__ = ["ReLoRAOptimizer", "reset_offset", "prune_offset"]
 
-_PRUNE_MODES = ("magnitude", "random", "reset")
-_STREAM_PRUNE = 1 << 62
-_STREAM_ROUNDING = 1 << 63  # stochastic-rounding keys differ from the reset keys (= seed) in bit 63
-
-
-def reset_offset(layer_index: int, cycle: int) -> int:
-    """Philox offset of the reset draw of ``A`` for layer ``ℓ`` at cycle ``c``: ``ℓ · 2³² + c``.
-
-    ``c`` counts from 0 (the first reset, after step ``reset_every``, is cycle 0). Valid for
-    ``ℓ < 2³⁰`` and ``c < 2³²``, so it never meets :func:`prune_offset`'s range. Example:
-    ``reset_offset(3, 1) == 3 * 2**32 + 1``.
-    """
-    return (layer_index << 32) + cycle
-
-
-def prune_offset(layer_index: int, tensor_index: int, cycle: int) -> int:
-    """Philox offset of the random-prune mask of one state tensor: ``2⁶² + (16ℓ + j) · 2³² + c``.
-
-    ``j`` numbers the pruned state tensors of layer ``ℓ``: those of ``A`` in sorted state-key order, then
-    those of ``B`` (Adam: ``A.exp_avg``, ``A.exp_avg_sq``, ``B.exp_avg``, ``B.exp_avg_sq`` → ``j = 0..3``).
-    Valid for ``j < 16``, ``ℓ < 2²⁶`` and ``c < 2³²``; the ``2⁶²`` bit separates these streams from the
-    reset draws. Example: ``prune_offset(0, 1, 2) == 2**62 + 2**32 + 2``.
-    """
-    return _STREAM_PRUNE + ((layer_index * 16 + tensor_index) << 32) + cycle
-
-
-def _check_layer_dtypes(layers, where: str) -> None:
-    """The native merge takes float32/bfloat16/float16 only: refuse other dtypes before any layer is merged."""
-    from .ops import FLOAT_DTYPES
-
-    for name, layer in layers:
-        for pname in ("weight", "lora_A", "lora_B"):
-            dt = getattr(layer, pname).dtype
-            if dt not in FLOAT_DTYPES:
-                raise TypeError(
-                    f"{where}: layer {name!r}: {pname} is {dt}; the ReLoRA* cycle merges float32, bfloat16 or "
-                    "float16 weights only (convert the model, e.g. model.float())"
-                )
+#: The wrapper's counters, saved in ``state_dict()["relora"]`` beside the settings.
+COUNTERS = ("steps_taken", "cycles_done", "last_cycle_step", "last_prune_kept", "last_prune_total")
 
 
 class ReLoRAOptimizer(torch.optim.Optimizer):
@@ -165,27 +132,9 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{where}: optimizer is already a ReLoRAOptimizer; wrap the inner optimizer once")
         if not isinstance(model, nn.Module):
             raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(reset_every, bool) or not isinstance(reset_every, int):
-            raise TypeError(f"{where}: reset_every must be an int, got {type(reset_every).__name__} ({reset_every!r})")
-        if reset_every < 1:
-            raise ValueError(f"{where}: reset_every must be >= 1 (optimizer steps per cycle), got {reset_every}")
-        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)):
-            raise TypeError(f"{where}: prune_ratio must be a float, got {type(prune_ratio).__name__}")
-        if not (0.0 <= float(prune_ratio) <= 1.0):
-            raise ValueError(f"{where}: prune_ratio must be in [0, 1], got {prune_ratio!r}")
-        if prune not in _PRUNE_MODES:
-            raise ValueError(f"{where}: prune must be one of {_PRUNE_MODES}, got {prune!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"{where}: seed must be an int, got {type(seed).__name__} ({seed!r})")
-        if not 0 <= seed < 1 << 64:
-            raise ValueError(f"{where}: seed must be in [0, 2**64), got {seed}")
-        if rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"{where}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-        if not isinstance(prune_guard, bool):
-            raise TypeError(f"{where}: prune_guard must be a bool, got {type(prune_guard).__name__}")
-        if not isinstance(check_ranks, bool):
-            raise TypeError(f"{where}: check_ranks must be a bool, got {type(check_ranks).__name__}")
-
+        self.settings = CycleSettings(reset_every=reset_every, prune_ratio=prune_ratio, prune=prune, seed=seed,
+                                      rounding=rounding, prune_guard=prune_guard)
+        check_bool(where, "check_ranks", check_ranks)
         layers = lora_layers(model)
         if not layers:
             raise ValueError(
@@ -201,27 +150,28 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
                         f"(shape {tuple(getattr(layer, pname).shape)}); build it from model.parameters() after "
                         "relora_ext.wrap(model, ...), so that it trains the adapters"
                     )
-
-        _check_layer_dtypes(layers, where)
+        for name, layer in layers:
+            for pname in ("weight", "lora_A", "lora_B"):
+                dt = getattr(layer, pname).dtype
+                if not dt.is_floating_point or dt == torch.float64:
+                    raise TypeError(
+                        f"{where}: layer {name!r}: {pname} is {dt}; the ReLoRA* cycle merges float32, bfloat16 or "
+                        "float16 weights only (convert the model, e.g. model.float())")
         self.optimizer = optimizer
+        self.model = model
         self.model_layers = layers
-        self.reset_every = reset_every
-        self.prune_ratio = float(prune_ratio)
-        self.prune = prune
-        self.seed = seed
-        self.rounding = rounding
-        self.prune_guard = prune_guard
+        self._backends = [backend_for(layer) for _, layer in layers]  # local or sharded, chosen once per layer
         self.process_group = process_group
         self.check_ranks = check_ranks
         self._ranks_checked = False
         self.steps_taken = 0
         self.cycles_done = 0
+        self.last_cycle_step = 0
         self.last_prune_kept = 0
         self.last_prune_total = 0
 
-        # What torch.optim.Optimizer.__init__ sets up for hooks; param_groups/state/defaults are delegated.
-        from collections import OrderedDict
-
+        # What torch.optim.Optimizer.__init__ sets up for hooks; param_groups/state/defaults are the wrapped
+        # optimizer's (delegated), so that there is one copy of each.
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -229,6 +179,15 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
+
+    # -- settings (read-only views of self.settings) --------------------------------------------------
+
+    reset_every = property(lambda self: self.settings.reset_every, doc="Cycle length ``T`` in optimizer steps.")
+    prune_ratio = property(lambda self: self.settings.prune_ratio, doc="Share of state entries a prune zeroes.")
+    prune = property(lambda self: self.settings.prune, doc="Prune mode.")
+    seed = property(lambda self: self.settings.seed, doc="Key of every reset / random-prune draw.")
+    rounding = property(lambda self: self.settings.rounding, doc="Rounding of the merge into ``W``.")
+    prune_guard = property(lambda self: self.settings.prune_guard, doc="Whether the first-moment guard runs.")
 
     # -- delegation ---------------------------------------------------------------------------------
 
@@ -257,10 +216,8 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
-        return (
-            f"ReLoRAOptimizer(reset_every={self.reset_every}, prune_ratio={self.prune_ratio}, prune={self.prune!r}, "
-            f"seed={self.seed}, layers={len(self.model_layers)},\n{inner}\n)"
-        )
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.settings.to_dict().items())
+        return f"ReLoRAOptimizer({fields}, layers={len(self.model_layers)},\n{inner}\n)"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or set to ``None``) the gradients, as the wrapped optimizer does."""
@@ -275,11 +232,17 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """Step the wrapped optimizer; after every ``reset_every``-th step, run the ReLoRA* cycle.
 
-        Returns what the wrapped optimizer's ``step`` returns (the closure's loss, if given).
+        Returns what the wrapped optimizer's ``step`` returns (the closure's loss, if given). If the cycle
+        is refused (:class:`~relora_ext.cycle.CycleRefused`, e.g. a NaN in an adapter), the optimizer step
+        itself stands and counts, the cycle does not: weights, adapters, optimizer state, ``cycles_done``
+        are as after a plain step, the next cycle draws the streams this one would have drawn, and
+        :class:`~relora_ext.schedule.JaggedCosineLR` does not re-warm for it.
         """
+        if self.steps_taken == 0:
+            self._check_layers_unchanged("step 1")
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self.steps_taken += 1
-        if self.steps_taken % self.reset_every == 0:
+        if self.steps_taken % self.settings.reset_every == 0:
             self.restart()
         return loss
 
@@ -287,19 +250,21 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
     def restart(self) -> None:
         """Run one cycle now (merge, reset, prune on every layer) and count it; ``step()`` calls it.
 
-        Raises :class:`ValueError` naming the layer if an ``A`` or ``B`` holds NaN/Inf; all layers are checked
-        first, so then no layer is merged and the cycle is not counted.
+        All or nothing (see :mod:`relora_ext.cycle`): every layer and state tensor is checked first, and a
+        problem anywhere raises :class:`~relora_ext.cycle.CycleRefused` naming the layer, with nothing changed
+        (``cycles_done`` included). Layers wrapped after this optimizer was built are refused too.
 
-        Distributed (``torch.distributed`` initialised, more than one rank in ``process_group``): at the first
-        cycle this optimizer runs, every rank checks that the others have the same setup (seed, settings,
-        adapter layout) and, after the reset, the same ``A`` draws (and merged ``W`` when replicated); a
-        difference raises :class:`relora_ext.distributed.ConsistencyError` on every rank (``check_ranks=False``
-        skips it). FSDP2 (DTensor) layers are merged shard by shard and their optimizer state pruned with the
-        global threshold (:mod:`relora_ext.distributed`). Every rank must call ``step()``/``restart()`` together.
+        Distributed (``torch.distributed`` initialised, more than one rank in ``process_group``): the ranks
+        vote before changing anything, so they refuse together; at the first cycle this optimizer runs, every
+        rank checks that the others have the same setup (seed, settings, adapter layout) and, after the
+        reset, the same ``A`` draws (and merged ``W`` when replicated); a difference raises
+        :class:`relora_ext.distributed.ConsistencyError` on every rank (``check_ranks=False`` skips it).
+        Every rank must call ``step()``/``restart()`` together.
         """
         from . import distributed as D
 
         c = self.cycles_done
+        self._check_layers_unchanged(f"cycle {c}")
         multi = D.is_distributed(self.process_group)
         check = multi and self.check_ranks and not self._ranks_checked
         if check:
@@ -307,170 +272,92 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
                 D.fingerprint(self), group=self.process_group, what=f"ReLoRA* setup at cycle {c}",
                 hint="Every rank must build the same model, call relora_ext.wrap with the same arguments and pass "
                      "the same seed and settings to ReLoRAOptimizer.")
-        _check_layer_dtypes(self.model_layers, f"ReLoRAOptimizer: cycle {c}")
-        sharded = [D.is_dtensor(layer.weight) or D.is_dtensor(layer.lora_A) for _, layer in self.model_layers]
-        bad = []
-        for name, layer in self.model_layers:  # all-or-nothing: refuse before any layer is merged
-            flags = []
-            for pname in ("lora_A", "lora_B"):
-                p = getattr(layer, pname)
-                p = p.to_local() if D.is_dtensor(p) else p
-                flags.append(not bool(torch.isfinite(p).all()))
-            bad.append(flags)
-        if multi and any(sharded):  # shards differ per rank: agree on the verdict so that every rank raises
-            import torch.distributed as dist
-
-            t = torch.tensor(bad, dtype=torch.int32).reshape(-1, 2)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-            bad = t.bool().tolist()
-        for (name, layer), flags in zip(self.model_layers, bad):
-            for pname, is_bad in zip(("lora_A", "lora_B"), flags):
-                if is_bad:
-                    raise ValueError(
-                        f"ReLoRAOptimizer: cycle {c}, layer {name!r}: {pname} holds non-finite values (NaN/Inf); "
-                        "no layer was merged. Lower the learning rate or use torch.amp.GradScaler / gradient clipping"
-                    )
-        kept = total = 0
-        full_A = []
-        guard_sharded: Dict[Any, list] = {}
-        for li, (name, layer) in enumerate(self.model_layers):
-            off = reset_offset(li, c)
-            merge_seed = (self.seed ^ _STREAM_ROUNDING ^ off) if self.rounding == "stochastic" else None
-            try:
-                if sharded[li]:
-                    full_A.append(D.merge_and_reset_sharded_(layer, seed=self.seed, offset=off,
-                                                             rounding=self.rounding, merge_seed=merge_seed))
-                else:
-                    layer.merge_and_reset_(seed=self.seed, offset=off, rounding=self.rounding, merge_seed=merge_seed)
-                    full_A.append(None)
-            except ValueError as e:
-                raise ValueError(f"ReLoRAOptimizer: cycle {c}, layer {name!r}: {e}") from None
-            k, t = self._prune_layer(li, layer, c, guard_sharded)
-            kept += k
-            total += t
-        if guard_sharded:  # entries zeroed by the guard on shards: sum over each shard group
-            import torch.distributed as dist
-
-            for group, counts in guard_sharded.values():
-                g = torch.tensor([sum(counts)], dtype=torch.int64)
-                dist.all_reduce(g, group=group)
-                kept -= int(g)
+        result = run_cycle(self.model_layers, self._backends, self.optimizer.state, self.settings, c,
+                           group=self.process_group, distributed=multi)
         if check:
             D.check_consistency(
-                D.draw_hashes(self, full_A), group=self.process_group, what=f"reset draw / merged weight at cycle {c}",
+                D.draw_hashes(self, result.full_A), group=self.process_group,
+                what=f"reset draw / merged weight at cycle {c}",
                 hint="The ranks drew different A or hold different W: same seed on every rank, model wrapped by "
                      "relora_ext.wrap before DDP, optimizer built from the DDP module's parameters.")
             self._ranks_checked = True
         self.cycles_done += 1
-        self.last_prune_kept = kept
-        self.last_prune_total = total
+        self.last_cycle_step = self.steps_taken
+        self.last_prune_kept = result.kept
+        self.last_prune_total = result.total
 
-    def _prune_layer(self, li: int, layer: LoRALinear, cycle: int, guard_sharded: Dict[Any, list]):
-        from . import distributed as D
-        from . import ops
-
-        kept = total = 0
-        j = 0
-        for p in (layer.lora_A, layer.lora_B):
-            st = self.optimizer.state.get(p)
-            if not st:
-                continue
-            for key in sorted(st, key=str):
-                t = st[key]
-                if not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point():
-                    continue
-                if D.is_dtensor(t):
-                    k = D.prune_sharded_(t, self.prune_ratio, mode=self.prune, seed=self.seed,
-                                         offset=prune_offset(li, j, cycle))
-                elif self.prune == "random":
-                    k = ops.prune_(t, self.prune_ratio, mode="random", seed=self.seed,
-                                  offset=prune_offset(li, j, cycle))
-                else:
-                    k = ops.prune_(t, self.prune_ratio, mode=self.prune)
-                kept += int(k)
-                total += t.numel()
-                j += 1
-            if self.prune_guard and self.prune != "reset":
-                m = st.get("exp_avg")
-                if D.is_dtensor(m):
-                    _, group = D._shard_layout(m, "the optimizer state")
-                    zeroed = self._guard_first_moment({k: v.to_local() if D.is_dtensor(v) else v for k, v in st.items()})
-                    if group is None:
-                        kept -= zeroed
-                    else:
-                        guard_sharded.setdefault(id(group), (group, []))[1].append(zeroed)
-                else:
-                    kept -= self._guard_first_moment(st)
-        return kept, total
-
-    @staticmethod
-    def _guard_first_moment(st) -> int:
-        """Zero ``exp_avg`` where every second-moment state is zero; returns how many entries that zeroed."""
-        m = st.get("exp_avg")
-        seconds = [st[k] for k in ("exp_avg_sq", "max_exp_avg_sq") if isinstance(st.get(k), torch.Tensor)]
-        if not isinstance(m, torch.Tensor) or not seconds or any(v.shape != m.shape for v in seconds):
-            return 0
-        orphan = seconds[0] == 0
-        for v in seconds[1:]:
-            orphan &= v == 0
-        orphan &= m != 0
-        n = int(orphan.sum())
-        if n:
-            m.masked_fill_(orphan, 0)
-        return n
+    def _check_layers_unchanged(self, when: str) -> None:
+        """Refuse to go on if the model gained LoRALinear layers this optimizer does not know."""
+        known = {id(layer) for _, layer in self.model_layers}
+        new = [name for name, layer in lora_layers(self.model) if id(layer) not in known]
+        if new:
+            raise CycleRefused(
+                f"ReLoRAOptimizer: {when} refused, nothing was changed: layer(s) {new} were wrapped after this "
+                "optimizer was built, so they would never be cycled; wrap the model first, then build the "
+                "optimizer and the ReLoRAOptimizer")
 
     # -- (de)serialisation ------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """The wrapped optimizer's state dict plus a ``"relora"`` entry with this wrapper's counters.
+        """The wrapped optimizer's state dict plus a ``"relora"`` entry: settings, counters, the inner
+        optimizer's type. Runs the hooks registered with ``register_state_dict_pre_hook``/``post_hook``.
 
         Example: ``torch.save(opt.state_dict(), "opt.pt")``; later ``opt.load_state_dict(torch.load(...))``.
         """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
         sd = dict(self.optimizer.state_dict())
-        sd["relora"] = {
-            "steps_taken": self.steps_taken,
-            "cycles_done": self.cycles_done,
-            "last_prune_kept": self.last_prune_kept,
-            "last_prune_total": self.last_prune_total,
-            "reset_every": self.reset_every,
-            "prune_ratio": self.prune_ratio,
-            "prune": self.prune,
-            "seed": self.seed,
-            "rounding": self.rounding,
-            "prune_guard": self.prune_guard,
-        }
+        sd["relora"] = {**self.settings.to_dict(), **{k: getattr(self, k) for k in COUNTERS},
+                        "optimizer_type": type(self.optimizer).__qualname__}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
         return sd
+
+    def check_state_dict(self, state_dict: Dict[str, Any], where: str = "ReLoRAOptimizer.load_state_dict") -> None:
+        """Raise :class:`ValueError` if :meth:`load_state_dict` would refuse ``state_dict``; changes nothing.
+
+        Refused: other settings (``reset_every``, ``seed``, ``prune``, ...), another inner optimizer type,
+        other parameter groups (count, sizes, hyper-parameter keys), state tensors shaped unlike their
+        parameters, malformed counters.
+        """
+        from .checkpoint import check_optimizer_state
+
+        meta = state_dict.get("relora") if isinstance(state_dict, dict) else None
+        meta = meta or {}
+        self.settings.check_saved(meta, where)
+        saved_type = meta.get("optimizer_type")
+        if saved_type is not None and saved_type != type(self.optimizer).__qualname__:
+            raise ValueError(f"{where}: the state was saved from a {saved_type} but this ReLoRAOptimizer wraps a "
+                             f"{type(self.optimizer).__qualname__}")
+        for k in COUNTERS:
+            v = meta.get(k, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{where}: {k} must be an int >= 0, got {v!r}")
+        check_optimizer_state(self.optimizer, {k: v for k, v in state_dict.items() if k != "relora"}, where)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a dict made by :meth:`state_dict`: the wrapped optimizer's state and this wrapper's counters.
 
-        Raises :class:`ValueError` (before loading anything) if the dict was saved with other settings
-        (``reset_every``, ``seed``, ``prune``, ...): resuming must continue the same cycle. A plain state dict
-        of the wrapped optimizer's type (no ``"relora"`` entry) is accepted as well; the counters then
-        restart from zero.
+        Checked in full first (:meth:`check_state_dict`): a refused load raises :class:`ValueError` and changes
+        nothing. A plain state dict of the wrapped optimizer's type (no ``"relora"`` entry) is accepted as
+        well; the counters then restart from zero. Runs the load-state-dict pre/post hooks.
         """
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        self.check_state_dict(state_dict)
         sd = dict(state_dict)
         meta = sd.pop("relora", None) or {}
-        self._check_saved(meta, "ReLoRAOptimizer.load_state_dict")
         self.optimizer.load_state_dict(sd)
         self._set_counters(meta)
-
-    _SETTINGS = ("reset_every", "prune_ratio", "prune", "seed", "rounding", "prune_guard")
-    _COUNTERS = ("steps_taken", "cycles_done", "last_prune_kept", "last_prune_total")
-
-    def _check_saved(self, meta: Dict[str, Any], where: str) -> None:
-        """Refuse saved wrapper state (the ``"relora"`` entry) that cannot continue this optimizer's cycle."""
-        for k in self._SETTINGS:
-            if k in meta and meta[k] != getattr(self, k):
-                raise ValueError(
-                    f"{where}: the state was saved with {k}={meta[k]!r} but this optimizer has "
-                    f"{k}={getattr(self, k)!r}; build the ReLoRAOptimizer with the saved settings"
-                )
-        for k in self._COUNTERS:
-            v = meta.get(k, 0)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{where}: {k} must be an int >= 0, got {v!r}")
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def _set_counters(self, meta: Dict[str, Any]) -> None:
-        for k in self._COUNTERS:
+        for k in COUNTERS:
             setattr(self, k, meta.get(k, 0))
+        if "last_cycle_step" not in meta:  # saved before it existed: the cycles ran on schedule
+            self.last_cycle_step = self.cycles_done and self.steps_taken // self.reset_every * self.reset_every

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 import warnings
 
 from torch.optim.lr_scheduler import LRScheduler
@@ -11,7 +12,7 @@ __all__ = ["JaggedCosineLR", "jagged_cosine"]
 
 
 def jagged_cosine(t: int, *, total_steps: int, warmup_steps: int, cycle_length: int, restart_warmup_steps: int,
-                  min_lr_ratio: float = 0.1) -> float:
+                  min_lr_ratio: float = 0.1, restarted: bool = True) -> float:
     r"""The learning-rate factor at step ``t`` (optimizer steps already taken), GUIDE §1 exactly.
 
     With ``W0 = warmup_steps``, ``R = cycle_length``, ``Wr = restart_warmup_steps``, ``N = total_steps``,
@@ -25,7 +26,8 @@ def jagged_cosine(t: int, *, total_steps: int, warmup_steps: int, cycle_length: 
     This is the formula of the reference ReLoRA code (``adjust_step = 0``), so the first step after each
     reset runs at learning rate 0 and the rate ramps linearly back up to the cosine envelope. For
     ``t > N`` (past the planned end) the factor stays at the floor ``m`` instead of following the cosine
-    back up.
+    back up. ``restarted=False`` says that the reset at ``⌊t/R⌋·R`` did not happen (a refused cycle): no
+    re-warmup then, the factor is ``cos(t)``.
 
     Example::
 
@@ -43,7 +45,7 @@ def jagged_cosine(t: int, *, total_steps: int, warmup_steps: int, cycle_length: 
         return t / w0
     if t > n:
         return m
-    if t >= r and (t % r) < wr:
+    if t >= r and (t % r) < wr and restarted:
         return ((t % r) / wr) * cos_env((t // r) * r + wr)
     return cos_env(t)
 
@@ -75,8 +77,8 @@ class JaggedCosineLR(LRScheduler):
         total_steps: ``N``, the planned number of optimizer steps, ``> warmup_steps``.
         warmup_steps: ``W0 >= 0``, the first linear warmup (``0``: none). As in the reference code it must
             not exceed ``cycle_length`` (the first reset would come before the warmup is done).
-        cycle_length: ``R >= 1``, steps between resets; should equal the optimizer's ``reset_every`` (a
-            warning is given if a ReLoRAOptimizer's differs).
+        cycle_length: ``R >= 1``, steps between resets; by default a ReLoRAOptimizer's ``reset_every``
+            (a warning is given if one passed differs from it).
         restart_warmup_steps: ``Wr``, ``0 <= Wr <= R``, the re-warmup after each reset (``0``: none).
         min_lr_ratio: ``m`` in ``[0, 1]``, the floor of the cosine.
         last_epoch: as for every :class:`~torch.optim.lr_scheduler.LRScheduler`.
@@ -89,10 +91,16 @@ class JaggedCosineLR(LRScheduler):
         ...     ...; opt.step(); sched.step(); opt.zero_grad()
     """
 
-    def __init__(self, optimizer, *, total_steps: int, warmup_steps: int, cycle_length: int,
-                 restart_warmup_steps: int, min_lr_ratio: float = 0.1, last_epoch: int = -1) -> None:
+    def __init__(self, optimizer, *, total_steps: int, warmup_steps: int, restart_warmup_steps: int,
+                 cycle_length: Optional[int] = None, min_lr_ratio: float = 0.1, last_epoch: int = -1) -> None:
         self.total_steps = _check_int("total_steps", total_steps, 1)
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        reset_every = getattr(optimizer, "reset_every", None)
+        if cycle_length is None:
+            if reset_every is None:
+                raise ValueError("JaggedCosineLR: cycle_length is needed for an optimizer that is not a "
+                                 f"ReLoRAOptimizer (got {type(optimizer).__name__})")
+            cycle_length = reset_every
         self.cycle_length = _check_int("cycle_length", cycle_length, 1)
         self.restart_warmup_steps = _check_int("restart_warmup_steps", restart_warmup_steps, 0)
         if self.warmup_steps >= self.total_steps:
@@ -114,7 +122,6 @@ class JaggedCosineLR(LRScheduler):
         if not 0.0 <= float(min_lr_ratio) <= 1.0:
             raise ValueError(f"JaggedCosineLR: min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
         self.min_lr_ratio = float(min_lr_ratio)
-        reset_every = getattr(optimizer, "reset_every", None)
         if reset_every is not None and reset_every != self.cycle_length:
             warnings.warn(
                 f"JaggedCosineLR: cycle_length={self.cycle_length} differs from the optimizer's "
@@ -130,10 +137,13 @@ class JaggedCosineLR(LRScheduler):
         return self.last_epoch
 
     def factor(self, t: int) -> float:
-        """The factor at step ``t`` for this schedule's settings (see :func:`jagged_cosine`)."""
+        """The factor at step ``t`` for this schedule's settings (see :func:`jagged_cosine`). With a
+        :class:`~relora_ext.optim.ReLoRAOptimizer`, no re-warmup follows a cycle that it refused."""
+        last = getattr(self.optimizer, "last_cycle_step", None)
+        restarted = last is None or last >= t // self.cycle_length * self.cycle_length
         return jagged_cosine(t, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                              cycle_length=self.cycle_length, restart_warmup_steps=self.restart_warmup_steps,
-                             min_lr_ratio=self.min_lr_ratio)
+                             min_lr_ratio=self.min_lr_ratio, restarted=restarted)
 
     def get_lr(self):
         f = self.factor(self._t())

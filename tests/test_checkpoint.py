@@ -73,7 +73,7 @@ def test_load_rejects_foreign_file_and_missing_state(tmp_path):
     path = tmp_path / "plain.pt"
     torch.save({"model": {}}, path)
     model, opt, sched = build(0)
-    with pytest.raises(ValueError, match="is not a relora_ext.checkpoint/1 checkpoint"):
+    with pytest.raises(ValueError, match="is not a relora_ext.checkpoint/2 checkpoint"):
         load_checkpoint(path, model=model)
     save_checkpoint(tmp_path / "m.pt", model=model)
     with pytest.raises(ValueError, match="optimizer given but .* holds no optimizer state"):

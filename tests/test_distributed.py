@@ -316,7 +316,7 @@ def _fsdp_train(model, opt, batches, rank, start=0):
 
 
 def _fsdp_train_and_checkpoint(rank, out_dir):
-    from relora_ext.distributed import load_sharded, save_sharded
+    from relora_ext.checkpoint import load_sharded, save_sharded
 
     batches = global_batches(STEPS)
     # ReLoRAOptimizer on FSDP2 over 3 cycles, against the single-process run (compared in the parent)

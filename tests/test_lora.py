@@ -300,7 +300,7 @@ def test_wrap_selectors():
     assert wrapped_names(wrap(TinyLM(), r=2, target_modules=["q_proj"])) == ["blocks.0.q_proj", "blocks.1.q_proj"]
     assert wrapped_names(wrap(TinyLM(), r=2, target_modules=r"blocks\.1\..*")) == [
         "blocks.1.q_proj", "blocks.1.v_proj", "blocks.1.mlp"]
-    assert wrapped_names(wrap(TinyLM(), r=2, target_modules=lambda n, m: m.out_features == 50)) == ["lm_head"]
+    assert wrapped_names(wrap(TinyLM(tied=False), r=2, target_modules=lambda n, m: m.out_features == 50)) == ["lm_head"]
     assert wrapped_names(wrap(TinyLM(), r=2, exclude_modules=["mlp", "v_proj"])) == ["blocks.0.q_proj", "blocks.1.q_proj"]
     with pytest.raises(ValueError, match=r"no nn.Linear layer of TinyLM matched target_modules=\['proj'\].*blocks.0.q_proj"):
         wrap(TinyLM(), r=2, target_modules=["proj"])

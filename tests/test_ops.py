@@ -152,9 +152,9 @@ class TestMerge:
         (lambda W, A, B: (W, A.t(), B, 1.0), ValueError, "expected W \\(out, in\\)"),
         (lambda W, A, B: (W, A[:0], B[:, :0], 1.0), ValueError, "r = A.shape\\[0\\] must be >= 1"),
         (lambda W, A, B: (W[0], A, B, 1.0), ValueError, "W must be 2-D"),
-        (lambda W, A, B: (W, A, B, float("nan")), ValueError, "scale must be a number in"),
+        (lambda W, A, B: (W, A, B, float("nan")), ValueError, "scale must be a finite number in"),
         (lambda W, A, B: (W, A, B, "1"), TypeError, "scale must be a real number"),
-        (lambda W, A, B: (W, A, B, 1e300), ValueError, "scale must be a number in"),
+        (lambda W, A, B: (W, A, B, 1e300), ValueError, "scale must be a finite number in"),
         (lambda W, A, B: (W[:, ::2], A[:, ::2], B, 1.0), ValueError, "unit stride"),
         (lambda W, A, B: (W.requires_grad_(), A, B, 1.0), ValueError, "W requires grad"),
         (lambda W, A, B: (W, A.to("meta"), B, 1.0), ValueError, "one device"),
@@ -233,9 +233,9 @@ class TestReset:
 
     def test_bad_input(self):
         A, B = torch.empty(3, 5), torch.ones(4, 3)
-        with pytest.raises(ValueError, match="std must be a number in"):
+        with pytest.raises(ValueError, match="std must be a finite number in"):
             ops.reset_(A, B, std=-1.0, seed=0)
-        with pytest.raises(ValueError, match="std must be a number in"):
+        with pytest.raises(ValueError, match="std must be a finite number in"):
             ops.reset_(A, B, std=float("inf"), seed=0)
         with pytest.raises(TypeError, match="share a dtype"):
             ops.reset_(A, B.half(), std=1.0, seed=0)
@@ -346,7 +346,7 @@ class TestPrune:
     def test_bad_input(self):
         x = torch.randn(10, 10)
         for ratio in (-0.1, 1.5, float("nan")):
-            with pytest.raises(ValueError, match="ratio must be a number in \\[0.0, 1.0\\]"):
+            with pytest.raises(ValueError, match="ratio must be a finite number in \\[0.0, 1.0\\]"):
                 ops.prune_(x, ratio)
         with pytest.raises(ValueError, match="mode must be"):
             ops.prune_(x, 0.5, mode="top")

@@ -264,11 +264,11 @@ def test_grad_scaler_skipped_step_does_not_count(fused):
 def test_errors():
     model = make_model()
     adamw = torch.optim.AdamW(model.parameters())
-    with pytest.raises(ValueError, match="reset_every must be >= 1 .* got 0"):
+    with pytest.raises(ValueError, match="reset_every must be >= 1, got 0"):
         ReLoRAOptimizer(adamw, model, reset_every=0)
     with pytest.raises(TypeError, match="reset_every must be an int, got float"):
         ReLoRAOptimizer(adamw, model, reset_every=2.0)
-    with pytest.raises(ValueError, match=r"prune_ratio must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"prune_ratio must be a finite number in \[0.0, 1.0\], got 1.5"):
         ReLoRAOptimizer(adamw, model, reset_every=2, prune_ratio=1.5)
     with pytest.raises(ValueError, match="prune must be one of"):
         ReLoRAOptimizer(adamw, model, reset_every=2, prune="topk")
@@ -294,7 +294,7 @@ def test_nonfinite_adapter_names_the_layer():
     with torch.no_grad():
         model[2].lora_A[0, 0] = float("nan")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="cycle 1, layer '2'.*non-finite"):
+    with pytest.raises(ValueError, match="cycle 1 refused.*layer '2'.*non-finite"):
         opt.restart()
     for k, v in model.state_dict().items():  # the cycle is all-or-nothing: layer '0' was not merged either
         assert torch.equal(v, state[k]) or (k == "2.lora_A")
