@@ -515,7 +515,7 @@ def wrap(
         new[key] = LoRALinear.from_linear(lin, **settings)
         new[key].train(lin.training)
     for _, parent in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # every use (named_children skips repeats)
             if id(child) in new:
                 setattr(parent, child_name, new[id(child)])
     return model
@@ -554,7 +554,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         layer._check_mergeable("unwrap", name)
     converted: dict = {}
     for name, mod in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(mod.named_children()):
+        for child_name, child in list(mod._modules.items()):
             if isinstance(child, LoRALinear):
                 if id(child) not in converted:
                     converted[id(child)] = child.to_linear()

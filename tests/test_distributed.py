@@ -353,3 +353,64 @@ def test_fsdp2_training_matches_single_process_and_sharded_checkpoint_resumes(tm
     assert (res["kept"], res["total"]) == (ref_opt.last_prune_kept, ref_opt.last_prune_total)
     assert res["extra"] == {"step": 4}
     assert res["resumed"] == res["after"]        # bit-identical losses after the resume
+
+
+# ------------------------------------------------------------------------------------------------
+# a refused cycle under FSDP2: the ranks vote, and every collective runs on the parameters' device
+
+
+def _fsdp_refusal_worker(rank, out_dir):
+    from relora_ext import CycleRefused
+    from relora_ext.lora import lora_layers
+
+    model = _fsdp_model()
+    opt = make_opt(model, reset_every=100)
+    _fsdp_train(model, opt, global_batches(2), rank)
+    param_device = lora_layers(model)[0][1].lora_A.to_local().device
+    seen = []
+
+    def recording(fn):
+        def wrapper(tensor, *args, **kwargs):
+            ts = tensor if isinstance(tensor, (list, tuple)) else [tensor]
+            seen.extend((fn.__name__, t.device) for t in ts if isinstance(t, torch.Tensor))
+            return fn(tensor, *args, **kwargs)
+        return wrapper
+
+    real = {fn_name: getattr(dist, fn_name) for fn_name in ("all_reduce", "all_gather", "broadcast")}
+    for fn_name, fn in real.items():
+        setattr(dist, fn_name, recording(fn))
+    try:
+        # a NaN in rank 1's shard only: both ranks must refuse, and change nothing
+        layer_name, layer = lora_layers(model)[1]
+        if rank == 1:
+            with torch.no_grad():
+                layer.lora_B.to_local()[0, 0] = float("nan")
+        before = {k: _bits(v).clone() for k, v in model.state_dict().items()}
+        refused = ""
+        try:
+            opt.restart()
+        except CycleRefused as e:
+            refused = str(e)
+        unchanged = all(torch.equal(_bits(v), before[k]) for k, v in model.state_dict().items())
+        # and a cycle that runs, recording the devices of its collectives
+        if rank == 1:
+            with torch.no_grad():
+                layer.lora_B.to_local()[0, 0] = 0.0
+        opt.restart()
+    finally:
+        for fn_name, fn in real.items():
+            setattr(dist, fn_name, fn)
+    torch.save({"refused": refused, "unchanged": unchanged, "cycles": opt.cycles_done, "seen": seen,
+                "param_device": param_device, "layer": layer_name}, os.path.join(out_dir, f"refusal{rank}.pt"))
+
+
+def test_fsdp2_refused_cycle_is_refused_on_every_rank_and_collectives_stay_on_the_parameters_device(tmp_path):
+    spawn(_fsdp_refusal_worker, str(tmp_path))
+    for rank in range(WORLD):
+        rep = torch.load(tmp_path / f"refusal{rank}.pt")
+        assert "refused, nothing was changed" in rep["refused"] and rep["layer"] in rep["refused"]
+        assert ("non-finite" in rep["refused"]) == (rank == 1)   # rank 0 refuses because rank 1 voted so
+        assert rep["unchanged"] and rep["cycles"] == 1
+        assert rep["seen"], "the cycle ran no recorded collective"
+        wrong = [(fn, d) for fn, d in rep["seen"] if d != rep["param_device"]]
+        assert not wrong, f"collectives on another device than the parameters ({rep['param_device']}): {wrong}"
