@@ -9,6 +9,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <numpy/arrayobject.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
 #undef I /* <complex.h>, pulled in by NumPy, defines I; the kernels use it as a shape letter */
 
 #include "kernels/merge.h"
@@ -82,6 +86,31 @@ static int parse_u64(PyObject *obj, const char *fn, const char *arg, uint64_t *o
     return 1;
 }
 
+/* A finite double in [lo, hi]; the kernels take scale and std as float, so their bounds are FLT_MAX
+ * (a cast of a larger double to float is undefined behaviour). */
+static int check_real(double v, double lo, double hi, const char *fn, const char *arg)
+{
+    if (!isfinite(v) || v < lo || v > hi) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "must be a finite number in [%.9g, %.9g], got %.17g", lo, hi, v);
+        PyErr_Format(PyExc_ValueError, "%s: %s %s", fn, arg, msg);
+        return 0;
+    }
+    return 1;
+}
+
+/* Thread counts: <= 0 means OpenMP's default; a huge team makes libgomp abort the process. */
+#define MAX_THREADS 1024
+static int check_nthreads(int n, const char *fn)
+{
+    if (n > MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "%s: nthreads must be <= %d (or <= 0 for OpenMP's default), got %d",
+                     fn, MAX_THREADS, n);
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *raise_status(relora_status status, const char *fn)
 {
     if (status == RELORA_ERR_NOMEM) return PyErr_NoMemory();
@@ -146,6 +175,8 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     uint64_t seed = 0;
     if (seed_obj && seed_obj != Py_None && !parse_u64(seed_obj, "merge_", "seed", &seed)) return NULL;
+    if (!check_real(scale, -FLT_MAX, FLT_MAX, "merge_", "scale") || !check_nthreads(nthreads, "merge_"))
+        return NULL;
     relora_status status;
     Py_BEGIN_ALLOW_THREADS
     status = lora_merge(PyArray_DATA(W), wdt, ldw, PyArray_DATA(B), PyArray_DATA(A), adt,
@@ -180,7 +211,8 @@ static PyObject *py_reset(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     uint64_t seed, offset = 0;
     if (!parse_u64(seed_obj, "reset_", "seed", &seed) ||
-        (offset_obj && !parse_u64(offset_obj, "reset_", "offset", &offset)))
+        (offset_obj && !parse_u64(offset_obj, "reset_", "offset", &offset)) ||
+        !check_real(std, 0.0, FLT_MAX, "reset_", "std") || !check_nthreads(nthreads, "reset_"))
         return NULL;
     relora_status status;
     Py_BEGIN_ALLOW_THREADS
@@ -211,7 +243,8 @@ static PyObject *py_prune(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     uint64_t seed = 0, offset = 0;
     if ((seed_obj && seed_obj != Py_None && !parse_u64(seed_obj, "prune_", "seed", &seed)) ||
-        (offset_obj && !parse_u64(offset_obj, "prune_", "offset", &offset)))
+        (offset_obj && !parse_u64(offset_obj, "prune_", "offset", &offset)) ||
+        !check_real(ratio, 0.0, 1.0, "prune_", "ratio") || !check_nthreads(nthreads, "prune_"))
         return NULL;
     int64_t kept = 0;
     relora_status status;

@@ -172,9 +172,7 @@ def fingerprint(opt) -> Dict[str, Any]:
     import torch.distributed as dist
 
     fp: Dict[str, Any] = {
-        "seed": opt.seed, "cycle": opt.cycles_done, "steps_taken": opt.steps_taken,
-        "reset_every": opt.reset_every, "prune": opt.prune, "prune_ratio": opt.prune_ratio,
-        "rounding": opt.rounding, "prune_guard": opt.prune_guard,
+        **opt.settings.to_dict(), "cycle": opt.cycles_done, "steps_taken": opt.steps_taken,
         "world_size": dist.get_world_size(getattr(opt, "process_group", None)),
         "layers": len(opt.model_layers),
     }

@@ -8,7 +8,11 @@ import warnings
 
 from torch.optim.lr_scheduler import LRScheduler
 
+from ._checks import check_float, check_int
+
 __all__ = ["JaggedCosineLR", "jagged_cosine"]
+
+_WHERE = "JaggedCosineLR"
 
 
 def jagged_cosine(t: int, *, total_steps: int, warmup_steps: int, cycle_length: int, restart_warmup_steps: int,
@@ -50,14 +54,6 @@ def jagged_cosine(t: int, *, total_steps: int, warmup_steps: int, cycle_length: 
     return cos_env(t)
 
 
-def _check_int(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"JaggedCosineLR: {name} must be an int, got {type(v).__name__} ({v!r})")
-    if v < lo:
-        raise ValueError(f"JaggedCosineLR: {name} must be >= {lo}, got {v}")
-    return v
-
-
 class JaggedCosineLR(LRScheduler):
     r"""ReLoRA's jagged cosine schedule: linear warmup, cosine decay, and a short linear re-warmup after
     every reset.
@@ -93,16 +89,16 @@ class JaggedCosineLR(LRScheduler):
 
     def __init__(self, optimizer, *, total_steps: int, warmup_steps: int, restart_warmup_steps: int,
                  cycle_length: Optional[int] = None, min_lr_ratio: float = 0.1, last_epoch: int = -1) -> None:
-        self.total_steps = _check_int("total_steps", total_steps, 1)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        self.total_steps = check_int(_WHERE, "total_steps", total_steps, lo=1)
+        self.warmup_steps = check_int(_WHERE, "warmup_steps", warmup_steps, lo=0)
         reset_every = getattr(optimizer, "reset_every", None)
         if cycle_length is None:
             if reset_every is None:
                 raise ValueError("JaggedCosineLR: cycle_length is needed for an optimizer that is not a "
                                  f"ReLoRAOptimizer (got {type(optimizer).__name__})")
             cycle_length = reset_every
-        self.cycle_length = _check_int("cycle_length", cycle_length, 1)
-        self.restart_warmup_steps = _check_int("restart_warmup_steps", restart_warmup_steps, 0)
+        self.cycle_length = check_int(_WHERE, "cycle_length", cycle_length, lo=1)
+        self.restart_warmup_steps = check_int(_WHERE, "restart_warmup_steps", restart_warmup_steps, lo=0)
         if self.warmup_steps >= self.total_steps:
             raise ValueError(
                 f"JaggedCosineLR: warmup_steps must be < total_steps ({self.total_steps}), got {self.warmup_steps}"
@@ -117,11 +113,7 @@ class JaggedCosineLR(LRScheduler):
                 f"JaggedCosineLR: restart_warmup_steps must be <= cycle_length ({self.cycle_length}), "
                 f"got {self.restart_warmup_steps}"
             )
-        if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)):
-            raise TypeError(f"JaggedCosineLR: min_lr_ratio must be a float, got {type(min_lr_ratio).__name__}")
-        if not 0.0 <= float(min_lr_ratio) <= 1.0:
-            raise ValueError(f"JaggedCosineLR: min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
-        self.min_lr_ratio = float(min_lr_ratio)
+        self.min_lr_ratio = check_float(_WHERE, "min_lr_ratio", min_lr_ratio, lo=0.0, hi=1.0)
         if reset_every is not None and reset_every != self.cycle_length:
             warnings.warn(
                 f"JaggedCosineLR: cycle_length={self.cycle_length} differs from the optimizer's "

@@ -85,3 +85,21 @@ def test_bad_input():
         _numpy.reset_(A, B, 1.0, -1)
     with pytest.raises(ValueError, match="std"):
         _numpy.reset_(np.ones(3, np.float32), np.ones(3, np.float32), -1.0, 0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda W, A, B: _numpy.merge_(W, A, B, 1e300), "scale must be a finite number"),
+    (lambda W, A, B: _numpy.merge_(W, A, B, float("nan")), "scale must be a finite number"),
+    (lambda W, A, B: _numpy.reset_(A, B, -1.0, 0), "std must be a finite number"),
+    (lambda W, A, B: _numpy.reset_(A, B, 1e39, 0), "std must be a finite number"),
+    (lambda W, A, B: _numpy.prune_(W, 1.5), "ratio must be a finite number in \\[0, 1\\], got 1.5"),
+    (lambda W, A, B: _numpy.prune_(W, 0.5, nthreads=1 << 30), "nthreads must be <= 1024"),
+    (lambda W, A, B: _numpy.merge_(W, A, B, 1.0, nthreads=100000), "nthreads must be <= 1024"),
+])
+def test_range_errors_name_the_argument_and_change_nothing(call, match):
+    W, A, B = np.ones((4, 3), np.float32), np.ones((2, 3), np.float32), np.ones((4, 2), np.float32)
+    before = [W.copy(), A.copy(), B.copy()]
+    with pytest.raises(ValueError, match=match):
+        call(W, A, B)
+    for got, want in zip((W, A, B), before):
+        assert np.array_equal(got, want)

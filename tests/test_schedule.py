@@ -109,7 +109,7 @@ def test_errors_and_warning():
         JaggedCosineLR(opt, **{**ok, "cycle_length": 0})
     with pytest.raises(TypeError, match="total_steps must be an int, got float"):
         JaggedCosineLR(opt, **{**ok, "total_steps": 100.0})
-    with pytest.raises(ValueError, match=r"min_lr_ratio must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"min_lr_ratio must be a finite number in \[0.0, 1.0\], got 1.5"):
         JaggedCosineLR(opt, **ok, min_lr_ratio=1.5)
     model = wrap(nn.Sequential(nn.Linear(4, 4)), r=1)
     ropt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters()), model, reset_every=30)
