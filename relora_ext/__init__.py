@@ -15,13 +15,26 @@ from . import ops
 from .analysis import TrainingStats, UpdateTracker, effective_rank, optimizer_state_bytes, update_spectrum
 from .checkpoint import atomic_save, load_checkpoint, load_sharded, save_checkpoint, save_sharded
 from .cycle import CycleRefused
-from .lora import LoRALinear, lora_layers, unwrap, wrap
+from .lora import LoRALinear, ReLoRAConfig, lora_layers, print_trainable_parameters, unwrap, wrap
 from .optim import ReLoRAOptimizer
 from .schedule import JaggedCosineLR
 
 __all__ = [
-    "ops", "LoRALinear", "wrap", "unwrap", "lora_layers", "ReLoRAOptimizer", "JaggedCosineLR",
-    "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "atomic_save", "CycleRefused", "effective_rank", "update_spectrum",
+    "ops", "LoRALinear", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters", "ReLoRAOptimizer", "JaggedCosineLR",
+    "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "atomic_save", "CycleRefused",
+    "save_pretrained", "merged_state_dict", "export_peft_adapter", "ReLoRACallback", "effective_rank", "update_spectrum",
     "UpdateTracker", "TrainingStats", "optimizer_state_bytes",
 ]
 __version__ = "0.1.0"
+
+
+_HF_NAMES = ("save_pretrained", "merged_state_dict", "export_peft_adapter", "ReLoRACallback")
+
+
+def __getattr__(name):
+    # relora_ext.hf imports transformers (when installed) for its TrainerCallback: load it on first use only
+    if name in _HF_NAMES:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'relora_ext' has no attribute {name!r}")

@@ -22,17 +22,18 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_float, check_rank
+from ._checks import check_bool, check_float, check_int, check_rank
 
-__all__ = ["LoRALinear", "wrap", "unwrap", "lora_layers"]
+__all__ = ["LoRALinear", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters"]
 
 #: What ``target_modules`` / ``exclude_modules`` of :func:`wrap` accept.
 ModuleSelector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -188,6 +189,7 @@ class LoRALinear(nn.Module):
         self._adopt(base.weight, base.bias, r=r, alpha=alpha, dropout=dropout, init_std=init_std,
                     where="LoRALinear")
         self._weight_requires_grad = True
+        self._base_cls = None  # the module type unwrap() gives back: nn.Linear, or transformers' Conv1D
 
     # -- construction helpers --------------------------------------------------------------------
 
@@ -238,14 +240,20 @@ class LoRALinear(nn.Module):
             >>> lora.weight is lin.weight
             True
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LoRALinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        conv1d = _is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or conv1d):
+            raise TypeError(
+                f"LoRALinear.from_linear: linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         requires_grad = linear.weight.requires_grad
-        self._adopt(linear.weight, linear.bias, r=r, alpha=alpha, dropout=dropout, init_std=init_std,
+        weight = linear.weight
+        if conv1d:  # Conv1D stores (in, out): adopt an (out, in) view of the same memory
+            weight = nn.Parameter(linear.weight.detach().t(), requires_grad=requires_grad)
+        self._adopt(weight, linear.bias, r=r, alpha=alpha, dropout=dropout, init_std=init_std,
                     where="LoRALinear.from_linear")
         self._weight_requires_grad = requires_grad
+        self._base_cls = type(linear) if conv1d else None
         return self
 
     def reset_parameters(self) -> None:
@@ -328,6 +336,21 @@ class LoRALinear(nn.Module):
 
         merge_and_reset_layer_(self, seed=seed, offset=offset, rounding=rounding, merge_seed=merge_seed)
 
+    @torch.no_grad()
+    def to_base(self) -> nn.Module:
+        """:meth:`to_linear`, or for a layer adopted from a transformers ``Conv1D`` that ``Conv1D`` again (its
+        ``(in, out)`` weight Parameter over the same memory, merged). Used by :func:`unwrap`."""
+        lin = self.to_linear()
+        if getattr(self, "_base_cls", None) is None:
+            return lin
+        conv = self._base_cls.__new__(self._base_cls)
+        nn.Module.__init__(conv)
+        conv.nf, conv.nx = self.out_features, self.in_features
+        conv.weight = nn.Parameter(lin.weight.detach().t(), requires_grad=lin.weight.requires_grad)
+        conv.bias = lin.bias
+        conv.train(self.training)
+        return conv
+
     def _check_mergeable(self, where: str, name: str = "") -> None:
         from .cycle import CycleRefused, check_layer
 
@@ -389,8 +412,26 @@ def _name_matches(name: str, module: nn.Module, selector, arg: str) -> bool:
     )
 
 
-def _default_excluded(model: nn.Module) -> set:
-    """ids of the Linear modules that the default selection leaves alone (output heads, tied weights)."""
+def _is_conv1d(mod: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections): a linear layer with its weight stored ``(in, out)``."""
+    cls = type(mod)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
+def _kind(mod: nn.Module) -> Optional[str]:
+    """What :func:`wrap` makes of a module: ``"linear"``, ``"conv1d"``, ``"quantized"`` (bitsandbytes, refused
+    when selected) or ``None`` (not a candidate)."""
+    if type(mod) is nn.Linear:
+        return "linear"
+    if _is_conv1d(mod):
+        return "conv1d"
+    if isinstance(mod, nn.Linear) and type(mod).__module__.startswith("bitsandbytes"):
+        return "quantized"
+    return None
+
+
+def _default_excluded(model: nn.Module, owners: dict) -> set:
+    """ids of the modules that the default selection leaves alone (output heads, tied weights)."""
     excluded = set()
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
@@ -400,13 +441,8 @@ def _default_excluded(model: nn.Module) -> set:
             head = None
         if isinstance(head, nn.Module):
             excluded.add(id(head))
-    # a weight shared by several modules (tied input/output embeddings)
-    owners: dict = {}
-    for _, mod in model.named_modules(remove_duplicate=False):
-        for p in mod.parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(id(mod))
     for name, mod in model.named_modules():
-        if type(mod) is nn.Linear:
+        if _kind(mod) is not None:
             if len(owners.get(id(mod.weight), ())) > 1:
                 excluded.add(id(mod))
             if name.rsplit(".", 1)[-1] in _HEAD_NAMES:
@@ -414,49 +450,139 @@ def _default_excluded(model: nn.Module) -> set:
     return excluded
 
 
+@dataclasses.dataclass(frozen=True)
+class ReLoRAConfig:
+    """How :func:`wrap` adapts a model, in PEFT's terms (``LoraConfig``'s names where they mean the same).
+
+    Args:
+        r: rank of every adapter (default 8, as PEFT's).
+        lora_alpha: scale numerator, ``s = lora_alpha / r``. Default ``None`` means ``lora_alpha = r``
+            (``s = 1``: the merged update is exactly ``B·A``; see :class:`LoRALinear`). PEFT's default is a
+            fixed ``lora_alpha = 8``: pass ``lora_alpha=8`` to match a PEFT setup.
+        lora_dropout: dropout on the adapter's input.
+        target_modules: which layers (see :func:`wrap`); ``None`` or ``"all-linear"``: every linear layer
+            (``nn.Linear``, transformers ``Conv1D``) but the output head and tied weights.
+        exclude_modules: layers removed from the selection, same forms.
+        init_std: standard deviation of ``A`` (default ``1/sqrt(in_features)``).
+        freeze_others: ``False`` (default, ReLoRA*): every parameter that is not adapted (embeddings, norms,
+            heads, biases) stays trainable. ``True`` (PEFT's LoRA): only the adapters (and ``modules_to_save``)
+            train.
+        modules_to_save: name suffixes of modules that stay trainable when ``freeze_others=True``.
+
+    Example: ``wrap(model, ReLoRAConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))``.
+    """
+
+    r: int = 8
+    lora_alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    target_modules: ModuleSelector = None
+    exclude_modules: ModuleSelector = None
+    init_std: Optional[float] = None
+    freeze_others: bool = False
+    modules_to_save: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        where = "ReLoRAConfig"
+        check_int(where, "r", self.r, lo=1)
+        if self.lora_alpha is not None:
+            check_float(where, "lora_alpha", self.lora_alpha, lo=0.0, lo_open=True)
+        check_float(where, "lora_dropout", self.lora_dropout, lo=0.0, hi=1.0, hi_open=True)
+        if self.init_std is not None:
+            check_float(where, "init_std", self.init_std, lo=0.0)
+        check_bool(where, "freeze_others", self.freeze_others)
+        if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+            raise TypeError(f"{where}: modules_to_save must be a list of name suffixes, got {self.modules_to_save!r}")
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+
+
+#: wrap()'s older keyword names and the config fields they set.
+_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
+def _config(config: Optional[ReLoRAConfig], kwargs: dict) -> ReLoRAConfig:
+    if config is not None and not isinstance(config, ReLoRAConfig):
+        raise TypeError(f"wrap: config must be a ReLoRAConfig, got {type(config).__name__}")
+    fields = {}
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        field = _ALIASES.get(key, key)
+        if field in fields:
+            raise TypeError(f"wrap: {key}= and {field}= both given; pass one")
+        fields[field] = value
+    if config is None:
+        return ReLoRAConfig(**fields)
+    return dataclasses.replace(config, **fields) if fields else config
+
+
+def _refuse_foreign_wrappers(model: nn.Module) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+        raise ValueError(f"wrap: model is wrapped in {type(model).__name__}; call relora_ext.wrap on the bare model "
+                         "first, then wrap it in DDP, and build the optimizer from its parameters")
+    for name, mod in model.named_modules():
+        cls = type(mod)
+        if cls.__module__.startswith("peft.") or hasattr(mod, "peft_config"):
+            raise ValueError(
+                f"wrap: {type(model).__name__} carries PEFT adapters ({name or 'the model'}: {cls.__name__}); merge "
+                "them first (model = model.merge_and_unload()) or start from the base model")
+        if cls.__name__.startswith("FSDP") or cls.__name__ == "FullyShardedDataParallel":
+            raise ValueError(f"wrap: {name or 'the model'} is already sharded ({cls.__name__}); call relora_ext.wrap "
+                             "before fully_shard / FSDP, and build the optimizer after sharding")
+
+
 def wrap(
     model: nn.Module,
+    config: Optional[ReLoRAConfig] = None,
     *,
-    r: int,
-    alpha: Optional[float] = None,
-    dropout: float = 0.0,
+    r: Optional[int] = None,
+    lora_alpha: Optional[float] = None,
+    lora_dropout: Optional[float] = None,
     init_std: Optional[float] = None,
     target_modules: ModuleSelector = None,
     exclude_modules: ModuleSelector = None,
+    freeze_others: Optional[bool] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
+    alpha: Optional[float] = None,
+    dropout: Optional[float] = None,
 ) -> nn.Module:
-    """Replace matching :class:`torch.nn.Linear` modules of ``model`` by :class:`LoRALinear`, in place.
+    """Replace matching linear layers of ``model`` by :class:`LoRALinear`, in place.
+
+    Settings come from ``config`` (a :class:`ReLoRAConfig`) and/or keywords of the same names (a keyword
+    overrides the config's field; ``alpha``/``dropout`` are accepted for ``lora_alpha``/``lora_dropout``).
 
     Each replaced layer adopts the original ``weight`` and ``bias`` Parameters (no copy, see
     :meth:`LoRALinear.from_linear`); the frozen weight is the only parameter whose ``requires_grad``
-    changes. Every other parameter (embeddings, norms, heads, biases) stays trainable, as ReLoRA* trains
-    them. Wrap *before* building the optimizer.
+    changes, unless ``freeze_others=True``. Wrap *before* DDP / ``fully_shard`` and before building the
+    optimizer.
 
-    Which layers: only modules whose type is exactly :class:`torch.nn.Linear` are candidates (subclasses
-    such as :class:`torch.nn.MultiheadAttention`'s ``out_proj`` are skipped: their owner reads ``.weight``
-    directly and would bypass the adapter).
+    Which layers: modules whose type is exactly :class:`torch.nn.Linear`, and transformers' ``Conv1D``
+    (GPT-2), which is adapted natively (its ``(in, out)`` weight is adopted as an ``(out, in)`` view of the
+    same memory, and :func:`unwrap` gives the ``Conv1D`` back). Subclasses of ``nn.Linear`` such as
+    :class:`torch.nn.MultiheadAttention`'s ``out_proj`` are skipped (their owner reads ``.weight``
+    directly); bitsandbytes quantized layers are refused when selected.
 
-    - ``target_modules=None`` (default): every candidate **except** the output head and tied weights,
-      namely the module returned by ``model.get_output_embeddings()`` (``transformers`` models), any
-      layer whose last name component is ``lm_head``, ``head`` or ``output``, and any layer whose weight
-      Parameter is shared with another module (tied embeddings).
+    - ``target_modules=None`` or ``"all-linear"`` (default): every candidate **except** the output head and
+      tied weights, namely the module returned by ``model.get_output_embeddings()`` (``transformers``
+      models), any layer whose last name component is ``lm_head``, ``head`` or ``output``, and any layer
+      whose weight Parameter is shared with another module (tied embeddings).
     - a list/tuple of strings: name suffixes, matched on whole components (``"q_proj"`` matches
       ``"model.layers.0.self_attn.q_proj"``, not ``"xq_proj"``);
     - a string: a regular expression that must match the whole qualified name (:func:`re.fullmatch`);
     - a callable ``(name, module) -> bool``.
 
-    ``exclude_modules`` takes the same forms and removes layers from the selection.
-
-    Args:
-        model: the model, modified in place and returned.
-        r, alpha, dropout, init_std: see :class:`LoRALinear`.
-        target_modules, exclude_modules: the selection, as above.
+    ``exclude_modules`` takes the same forms and removes layers from the selection. A module used at
+    several places is adapted once (every use sees the same adapter).
 
     Returns:
-        ``model``.
+        ``model`` (for a bare ``nn.Linear`` model: its :class:`LoRALinear`, since a module cannot replace itself).
 
     Raises:
-        ValueError: no layer matched (the message lists the candidate names), or ``r`` is out of range
-            for a matched layer.
+        ValueError: no layer matched (the message lists the candidate names), ``r`` is out of range for a
+            matched layer, a matched layer's weight is tied to another module, a quantized layer was
+            selected, or the model is already wrapped, carries PEFT adapters or is DDP/FSDP-wrapped. A
+            refused wrap leaves the model as it was.
 
     Example::
 
@@ -464,61 +590,100 @@ def wrap(
         >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         ...                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=256))
         >>> relora_ext.wrap(model, r=8)                      # every projection; lm_head left alone
-        >>> relora_ext.wrap(model, r=8, target_modules=["q_proj", "v_proj"])   # (on a fresh model)
+        >>> relora_ext.wrap(model, ReLoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))   # (a fresh model)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap: model must be an nn.Module, got {type(model).__name__}")
-    settings = dict(r=r, alpha=alpha, dropout=dropout, init_std=init_std)
+    cfg = _config(config, dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, init_std=init_std,
+                               target_modules=target_modules, exclude_modules=exclude_modules,
+                               freeze_others=freeze_others, modules_to_save=modules_to_save, alpha=alpha,
+                               dropout=dropout))
+    settings = dict(r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, init_std=cfg.init_std)
     if type(model) is nn.Linear:  # the model is one layer: it cannot be replaced in place, return its adapter
         return LoRALinear.from_linear(model, **settings)
-    default_excluded = _default_excluded(model) if target_modules is None else set()
-    candidates = []
-    chosen = {}  # id -> (first name, module); a module used at several places is adapted once
-    for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear:
-            continue
-        candidates.append(name)
-        if target_modules is None:
-            ok = id(mod) not in default_excluded
-        else:
-            ok = _name_matches(name, mod, target_modules, "target_modules")
-        if ok and exclude_modules is not None and _name_matches(name, mod, exclude_modules, "exclude_modules"):
-            ok = False
-        if ok:
-            chosen[id(mod)] = (name, mod)
-    if not chosen:
-        if not candidates and lora_layers(model):
-            raise ValueError(f"wrap: {type(model).__name__} is already wrapped (it holds LoRALinear layers and no "
-                             "nn.Linear); call relora_ext.unwrap(model) first to wrap it again")
-        shown = ", ".join(repr(c) for c in candidates[:12]) + (" ..." if len(candidates) > 12 else "")
-        raise ValueError(
-            f"wrap: no nn.Linear layer of {type(model).__name__} matched target_modules={target_modules!r}, "
-            f"exclude_modules={exclude_modules!r}; nn.Linear layers present: [{shown}]"
-        )
-    # Check every chosen layer before changing any (a refused wrap leaves the model as it was).
-    owners: dict = {}
+    _refuse_foreign_wrappers(model)
+    owners: dict = {}  # id(parameter) -> {id(module): name} of every module holding it
     for name, mod in model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
             owners.setdefault(id(p), {}).setdefault(id(mod), name)
-    for name, lin in chosen.values():
-        sharers = [n for mid, n in owners[id(lin.weight)].items() if mid != id(lin)]
+    target = None if cfg.target_modules == "all-linear" else cfg.target_modules
+    default_excluded = _default_excluded(model, owners) if target is None else set()
+    candidates = []
+    chosen = {}  # id -> (first name, module); a module used at several places is adapted once
+    for name, mod in model.named_modules():
+        kind = _kind(mod)
+        if kind is None:
+            continue
+        candidates.append(name)
+        ok = id(mod) not in default_excluded if target is None else _name_matches(name, mod, target, "target_modules")
+        if ok and cfg.exclude_modules is not None and _name_matches(name, mod, cfg.exclude_modules, "exclude_modules"):
+            ok = False
+        if ok and kind == "quantized":
+            raise ValueError(
+                f"wrap: cannot adapt layer {name!r}: it is a bitsandbytes {type(mod).__name__} (quantized weights), "
+                "which relora_ext does not merge into yet; load the base model unquantized (e.g. bf16) or leave "
+                "the layer out with exclude_modules")
+        if ok:
+            chosen[id(mod)] = (name, mod)
+    if not chosen:
+        wrapped = lora_layers(model)
+        if wrapped:
+            raise ValueError(f"wrap: {type(model).__name__} is already wrapped ({len(wrapped)} LoRALinear layers, "
+                             "and no other layer matched); call relora_ext.unwrap(model) first to wrap it again")
+        shown = ", ".join(repr(c) for c in candidates[:12]) + (" ..." if len(candidates) > 12 else "")
+        raise ValueError(
+            f"wrap: no linear layer (nn.Linear, transformers Conv1D) of {type(model).__name__} matched "
+            f"target_modules={cfg.target_modules!r}, exclude_modules={cfg.exclude_modules!r}; candidates "
+            f"present: [{shown}]"
+        )
+    # Check every chosen layer before changing any (a refused wrap leaves the model as it was).
+    for name, mod in chosen.values():
+        sharers = [n for mid, n in owners[id(mod.weight)].items() if mid != id(mod)]
         if sharers:
             raise ValueError(
                 f"wrap: cannot adapt layer {name!r}: its weight is shared with {sharers} (tied weights); a merge "
                 "would change those modules too. Leave it out (exclude_modules) or untie the weights first")
+        out_f, in_f = (mod.nf, mod.nx) if _is_conv1d(mod) else (mod.out_features, mod.in_features)
         try:
-            check_rank("LoRALinear.from_linear", r, lin.in_features, lin.out_features)
+            check_rank("LoRALinear.from_linear", cfg.r, in_f, out_f)
         except ValueError as e:
             raise ValueError(f"wrap: cannot adapt layer {name!r}: {e}") from None
     new = {}
-    for key, (name, lin) in chosen.items():
-        new[key] = LoRALinear.from_linear(lin, **settings)
-        new[key].train(lin.training)
+    for key, (name, mod) in chosen.items():
+        new[key] = LoRALinear.from_linear(mod, **settings)
+        new[key].train(mod.training)
     for _, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent._modules.items()):  # every use (named_children skips repeats)
             if id(child) in new:
                 setattr(parent, child_name, new[id(child)])
+    if cfg.freeze_others:
+        keep = {id(p) for layer in new.values() for p in (layer.lora_A, layer.lora_B)}
+        for name, mod in model.named_modules():
+            if cfg.modules_to_save and _name_matches(name, mod, list(cfg.modules_to_save), "modules_to_save"):
+                keep.update(id(p) for p in mod.parameters())
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
     return model
+
+
+def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """Print and return ``(trainable, total)`` parameter counts, as PEFT's method of that name does.
+
+    Example: ``relora_ext.print_trainable_parameters(model)`` prints
+    ``trainable params: 1,234 || all params: 56,789 || trainable%: 2.1731``.
+    """
+    seen = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    return trainable, total
 
 
 def lora_layers(model: nn.Module) -> list:
@@ -549,7 +714,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"unwrap: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, LoRALinear):
-        return model.to_linear()
+        return model.to_base()
     for name, layer in lora_layers(model):  # all or nothing: check every layer before merging any
         layer._check_mergeable("unwrap", name)
     converted: dict = {}
@@ -557,6 +722,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         for child_name, child in list(mod._modules.items()):
             if isinstance(child, LoRALinear):
                 if id(child) not in converted:
-                    converted[id(child)] = child.to_linear()
+                    converted[id(child)] = child.to_base()
                 setattr(mod, child_name, converted[id(child)])
     return model

@@ -178,6 +178,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         self._optimizer_state_dict_post_hooks = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._cycle_hooks = OrderedDict()
         self._patch_step_function()
 
     # -- settings (read-only views of self.settings) --------------------------------------------------
@@ -285,6 +286,21 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         self.last_cycle_step = self.steps_taken
         self.last_prune_kept = result.kept
         self.last_prune_total = result.total
+        info = {"cycle": c, "step": self.steps_taken, "kept": result.kept, "total": result.total}
+        for hook in self._cycle_hooks.values():
+            hook(self, info)
+
+    def register_cycle_hook(self, hook):
+        """Call ``hook(optimizer, info)`` after every cycle that ran; ``info`` is ``{"cycle", "step", "kept",
+        "total"}``. Returns a handle whose ``remove()`` unregisters it.
+
+        Example: ``opt.register_cycle_hook(lambda opt, info: print("cycle", info["cycle"], info["kept"]))``.
+        """
+        from torch.utils.hooks import RemovableHandle
+
+        handle = RemovableHandle(self._cycle_hooks)
+        self._cycle_hooks[handle.id] = hook
+        return handle
 
     def _check_layers_unchanged(self, when: str) -> None:
         """Refuse to go on if the model gained LoRALinear layers this optimizer does not know."""

@@ -114,6 +114,10 @@ class JaggedCosineLR(LRScheduler):
                 f"got {self.restart_warmup_steps}"
             )
         self.min_lr_ratio = check_float(_WHERE, "min_lr_ratio", min_lr_ratio, lo=0.0, hi=1.0)
+        if self.total_steps <= self.cycle_length:
+            warnings.warn(
+                f"JaggedCosineLR: total_steps={self.total_steps} <= cycle_length={self.cycle_length}: no reset "
+                "happens within the run, so this is plain LoRA training", stacklevel=2)
         if reset_every is not None and reset_every != self.cycle_length:
             warnings.warn(
                 f"JaggedCosineLR: cycle_length={self.cycle_length} differs from the optimizer's "

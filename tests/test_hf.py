@@ -1,0 +1,193 @@
+"""The Hugging Face ecosystem (issue 13): ReLoRAConfig and PEFT names, Conv1D and refused bases, merged
+save_pretrained, PEFT adapter export loaded by peft, the Trainer callback and cycle hooks."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import relora_ext
+from relora_ext import (JaggedCosineLR, LoRALinear, ReLoRAConfig, ReLoRAOptimizer, UpdateTracker, lora_layers,
+                        print_trainable_parameters, unwrap, wrap)
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, vocab_size=64, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def train(model, opt, steps):
+    for _ in range(steps):
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+# -- configuration -----------------------------------------------------------------------------------
+
+
+def test_config_and_peft_names():
+    a = wrap(tiny_llama(), ReLoRAConfig(r=4, lora_alpha=8, lora_dropout=0.1))
+    b = wrap(tiny_llama(), r=4, lora_alpha=8, lora_dropout=0.1)
+    c = wrap(tiny_llama(), r=4, alpha=8, dropout=0.1)
+    d = wrap(tiny_llama(), ReLoRAConfig(r=2), r=4, lora_alpha=8, lora_dropout=0.1)   # keywords override
+    for m in (a, b, c, d):
+        layers = lora_layers(m)
+        assert len(layers) == 14 and all((l.r, l.alpha, l.dropout) == (4, 8.0, 0.1) for _, l in layers)
+    with pytest.raises(TypeError, match="alpha= and lora_alpha= both given"):
+        wrap(tiny_llama(), r=4, alpha=8, lora_alpha=8)
+    with pytest.raises(TypeError, match="config must be a ReLoRAConfig"):
+        wrap(tiny_llama(), {"r": 4})
+    with pytest.raises(ValueError, match="lora_dropout must be"):
+        ReLoRAConfig(lora_dropout=1.0)
+    names = lambda m: [n for n, _ in lora_layers(m)]  # noqa: E731
+    assert names(wrap(tiny_llama(), r=4, target_modules="all-linear")) == names(wrap(tiny_llama(), r=4))
+
+
+def test_freeze_others_and_modules_to_save(capsys):
+    model = wrap(tiny_llama(), ReLoRAConfig(r=4, freeze_others=True, modules_to_save=["lm_head"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if "lora_" in n} | {"lm_head.weight"}
+    t, total = print_trainable_parameters(model)
+    out = capsys.readouterr().out
+    assert out.startswith(f"trainable params: {t:,d} || all params: {total:,d} || trainable%: ")
+    assert t == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    default = wrap(tiny_llama(), r=4)   # ReLoRA*: everything not adapted trains
+    assert all(p.requires_grad for n, p in default.named_parameters() if not n.endswith("proj.weight"))
+
+
+# -- bases ------------------------------------------------------------------------------------------
+
+
+def test_gpt2_conv1d_is_adapted_natively_and_unwraps_to_conv1d():
+    model, plain = tiny_gpt2(), tiny_gpt2()
+    y0 = model(IDS).logits
+    wrap(model, r=4)
+    layers = lora_layers(model)
+    assert len(layers) == 8 and "transformer.h.0.attn.c_attn" in dict(layers)
+    torch.testing.assert_close(model(IDS).logits, y0)
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
+    train(model, opt, 3)
+    y1 = model(IDS).logits
+    opt.restart()
+    torch.testing.assert_close(model(IDS).logits, y1, rtol=1e-5, atol=1e-5)
+    unwrap(model)
+    conv = model.transformer.h[0].attn.c_attn
+    assert type(conv).__name__ == "Conv1D" and conv.weight.shape == (32, 96)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(plain(IDS).logits, y1, rtol=1e-5, atol=1e-5)
+
+
+def test_refused_bases_say_what_to_do():
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="carries PEFT adapters.*merge_and_unload"):
+        wrap(peft_model, r=4)
+    with pytest.raises(ValueError, match="DataParallel.*bare model first"):
+        wrap(nn.DataParallel(nn.Sequential(nn.Linear(4, 4))), r=2)
+    model = wrap(tiny_llama(), r=4)
+    with pytest.raises(ValueError, match="already wrapped"):
+        wrap(model, r=4)
+    bnb = pytest.importorskip("bitsandbytes")
+    quant = nn.Sequential(nn.Linear(8, 8), bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False))
+    with pytest.raises(ValueError, match="layer '1'.*bitsandbytes Linear8bitLt"):
+        wrap(quant, r=2, target_modules=["0", "1"])
+    assert type(quant[0]) is nn.Linear  # refused as a whole
+
+
+# -- saving -----------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_writes_the_merged_model(tmp_path):
+    model = wrap(tiny_llama(), r=4)
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
+    train(model, opt, 3)          # one cycle done, and an unmerged update since
+    y = model(IDS).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    relora_ext.save_pretrained(model, tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(IDS).logits, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("base_kind", ["tracker", "model"])
+def test_export_peft_adapter_loads_in_peft(tmp_path, base_kind):
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    wrap(model, ReLoRAConfig(r=2, freeze_others=True))
+    tracker = UpdateTracker(model)
+    opt = ReLoRAOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2), model,
+                          reset_every=3)
+    train(model, opt, 9)           # 3 cycles of rank 2: the update reaches rank 6
+    y = model(IDS).logits.detach()
+    errs = {}
+    for k in (1, 2, 6):
+        path = tmp_path / f"k{k}"
+        per_layer = relora_ext.export_peft_adapter(model, tracker if base_kind == "tracker" else base, path, rank=k)
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and cfg["r"] == k and len(cfg["target_modules"]) == 14
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+        errs[k] = (float((loaded(IDS).logits - y).abs().max().detach()), max(per_layer.values()))
+    assert errs[6][0] < 1e-4 and errs[6][1] < 1e-6       # full rank: the trained model itself
+    assert errs[1][0] > errs[2][0] > errs[6][0]            # truncation error falls with the rank
+    assert errs[1][1] > errs[2][1] > errs[6][1]
+
+
+# -- training loop integration ----------------------------------------------------------------------------
+
+
+def test_cycle_hook_and_schedule_defaults():
+    model = wrap(tiny_llama(), r=4)
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
+    seen = []
+    handle = opt.register_cycle_hook(lambda o, info: seen.append(info))
+    sched = JaggedCosineLR(opt, total_steps=10, warmup_steps=1, restart_warmup_steps=1)
+    assert sched.cycle_length == 2
+    train(model, opt, 4)
+    assert [i["cycle"] for i in seen] == [0, 1] and [i["step"] for i in seen] == [2, 4]
+    handle.remove()
+    train(model, opt, 2)
+    assert len(seen) == 2
+    with pytest.warns(UserWarning, match="no reset happens"):
+        JaggedCosineLR(opt, total_steps=2, warmup_steps=1, restart_warmup_steps=1)
+    with pytest.raises(ValueError, match="cycle_length is needed"):
+        JaggedCosineLR(torch.optim.SGD(model.parameters(), lr=1.0), total_steps=10, warmup_steps=1,
+                       restart_warmup_steps=1)
+
+
+def test_trainer_callback_logs_cycles(tmp_path):
+    model = wrap(tiny_llama(), r=4)
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
+    sched = JaggedCosineLR(opt, total_steps=6, warmup_steps=1, restart_warmup_steps=1)
+    data = [{"input_ids": IDS[0], "labels": IDS[0]} for _ in range(12)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2,
+                                          logging_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched),
+                                   callbacks=[relora_ext.ReLoRACallback(opt, tracker=None)])
+    trainer.train()
+    cycles = [e for e in trainer.state.log_history if "relora/cycle" in e]
+    assert [e["relora/cycle"] for e in cycles] == [0, 1, 2] and opt.cycles_done == 3
+    assert all(e["relora/kept"] > 0 for e in cycles)
+    logged = [e["relora/cycles_done"] for e in trainer.state.log_history if "relora/cycles_done" in e]
+    assert logged[-1] == 3 and logged == sorted(logged)
+    with pytest.warns(UserWarning, match="no cycle will run"):
+        cb = relora_ext.ReLoRACallback(opt)
+        cb.on_train_begin(args, type("S", (), {"max_steps": 1})(), None)
