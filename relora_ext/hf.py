@@ -213,5 +213,7 @@ class ReLoRACallback(_TrainerCallback):
         self.pending.clear()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None:
+        if logs is not None:  # for the reporters that run after this callback
             logs["relora/cycles_done"] = self.optimizer.cycles_done
+        if state.log_history:  # the Trainer recorded this log line just before calling back
+            state.log_history[-1]["relora/cycles_done"] = self.optimizer.cycles_done
