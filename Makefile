@@ -14,12 +14,21 @@ $(VENV)/.deps:
 	$(PY) -m pip install "$(TORCH)" numpy setuptools wheel ninja
 	touch $@
 
-# The package alone (what the demo needs), or with the test and benchmark-baseline extras.
-setup: $(VENV)/.deps
-	$(PY) -m pip install --no-build-isolation -e .
+# The package alone (what the demo needs), or with the test and benchmark-baseline extras; rebuilt only
+# when a source or the build configuration changed since the last build.
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.c' -o -name '*.cpp' -o -name '*.h')
 
-setup-test: $(VENV)/.deps
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.built-test: $(VENV)/.deps $(SOURCES)
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	touch $@ $(VENV)/.built
+
+setup: $(VENV)/.built
+
+setup-test: $(VENV)/.built-test
 
 demo: setup
 	$(PY) -m relora_ext.demo
