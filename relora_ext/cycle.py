@@ -128,6 +128,11 @@ class LocalLayer:
     sharded = False
 
     @staticmethod
+    def tensors(layer) -> Dict[str, torch.Tensor]:
+        """What a cycle writes: checked before it runs."""
+        return {"weight": layer.weight, "lora_A": layer.lora_A, "lora_B": layer.lora_B}
+
+    @staticmethod
     def local(t: torch.Tensor) -> torch.Tensor:
         return t
 
@@ -153,6 +158,7 @@ class ShardedLayer:
     """A layer whose parameters are FSDP2 DTensors: rows merged per shard, state pruned with global rules."""
 
     sharded = True
+    tensors = LocalLayer.tensors
 
     @staticmethod
     def local(t):
@@ -177,8 +183,27 @@ class ShardedLayer:
         return _shard_layout(t, "the optimizer state")[1] if _is_dtensor(t) else None
 
 
+class QuantizedLayer(LocalLayer):
+    """A :class:`~relora_ext.quantized.QuantizedLoRALinear`: merged by dequantize, add, requantize."""
+
+    @staticmethod
+    def tensors(layer) -> Dict[str, torch.Tensor]:
+        return {"lora_A": layer.lora_A, "lora_B": layer.lora_B}  # W is rewritten whole, from float32
+
+    @staticmethod
+    def merge_and_reset(layer, *, seed: int, offset: int, rounding: str, merge_seed: Optional[int]) -> None:
+        layer.merge_()
+        ops.reset_(layer.lora_A, layer.lora_B, std=layer.init_std, seed=seed, offset=offset)
+        return None
+
+
 def backend_for(layer):
-    """The backend of ``layer``: :class:`ShardedLayer` if any of its parameters is a DTensor."""
+    """The backend of ``layer``: :class:`QuantizedLayer` for a quantized base, :class:`ShardedLayer` if any of
+    its parameters is a DTensor, else :class:`LocalLayer`."""
+    from .quantized import QuantizedLoRALinear
+
+    if isinstance(layer, QuantizedLoRALinear):
+        return QuantizedLayer
     sharded = any(_is_dtensor(p) for p in (layer.weight, layer.lora_A, layer.lora_B))
     return ShardedLayer if sharded else LocalLayer
 
@@ -216,7 +241,7 @@ def check_layer(name: str, layer, backend=None) -> Optional[str]:
     with a unit stride, ``A`` and ``B`` finite. Example: ``check_layer("fc", layer) is None``.
     """
     backend = backend or backend_for(layer)
-    tensors = {"weight": layer.weight, "lora_A": layer.lora_A, "lora_B": layer.lora_B}
+    tensors = backend.tensors(layer)
     if backend is LocalLayer and any(_is_dtensor(t) for t in tensors.values()):
         return "its parameters became DTensors after the optimizer was built (build it after fully_shard)"
     local = {k: backend.local(t) for k, t in tensors.items()}
@@ -230,12 +255,12 @@ def check_layer(name: str, layer, backend=None) -> Optional[str]:
     if len(devices) > 1:
         return "weight, lora_A and lora_B are on different devices: " + ", ".join(
             f"{k} on {t.device}" for k, t in local.items())
-    if local["weight"].device.type == "meta":
+    if local["lora_A"].device.type == "meta":
         return "its tensors are on the meta device (no data to merge); materialise the model first"
     for k in ("lora_A", "lora_B"):
         if not local[k].is_contiguous():
             return f"{k} is not contiguous (shape {tuple(local[k].shape)}, strides {local[k].stride()})"
-    W = local["weight"]
+    W = local.get("weight", local["lora_A"])
     if W.dim() == 2 and W.numel() > 0 and 1 not in W.stride():
         return f"weight has no unit stride (strides {W.stride()})"
     for k in ("lora_A", "lora_B"):

@@ -43,6 +43,9 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """
     sd = model.state_dict()
     for name, layer in lora_layers(model):
+        if getattr(layer, "base", None) is not None:
+            raise ValueError(f"merged_state_dict: layer {name!r} has a quantized base ({type(layer.base).__name__}); "
+                             "unwrap the model (merging into the quantized weights) and save that instead")
         prefix = f"{name}." if name else ""
         w = _effective_weight(layer).to(layer.weight.dtype)
         sd[prefix + "weight"] = w.t().contiguous() if _is_conv1d_layer(layer) else w

@@ -419,14 +419,16 @@ def _is_conv1d(mod: nn.Module) -> bool:
 
 
 def _kind(mod: nn.Module) -> Optional[str]:
-    """What :func:`wrap` makes of a module: ``"linear"``, ``"conv1d"``, ``"quantized"`` (bitsandbytes, refused
-    when selected) or ``None`` (not a candidate)."""
+    """What :func:`wrap` makes of a module: ``"linear"``, ``"conv1d"``, ``"quantized"`` (bitsandbytes
+    ``Linear4bit``/``Linear8bitLt``) or ``None`` (not a candidate)."""
     if type(mod) is nn.Linear:
         return "linear"
     if _is_conv1d(mod):
         return "conv1d"
     if isinstance(mod, nn.Linear) and type(mod).__module__.startswith("bitsandbytes"):
-        return "quantized"
+        from .quantized import is_quantized
+
+        return "quantized" if is_quantized(mod) else None
     return None
 
 
@@ -561,7 +563,8 @@ def wrap(
     (GPT-2), which is adapted natively (its ``(in, out)`` weight is adopted as an ``(out, in)`` view of the
     same memory, and :func:`unwrap` gives the ``Conv1D`` back). Subclasses of ``nn.Linear`` such as
     :class:`torch.nn.MultiheadAttention`'s ``out_proj`` are skipped (their owner reads ``.weight``
-    directly); bitsandbytes quantized layers are refused when selected.
+    directly). bitsandbytes ``Linear4bit``/``Linear8bitLt`` layers are adapted as
+    :class:`relora_ext.quantized.QuantizedLoRALinear` (merge = dequantize, add in float32, requantize).
 
     - ``target_modules=None`` or ``"all-linear"`` (default): every candidate **except** the output head and
       tied weights, namely the module returned by ``model.get_output_embeddings()`` (``transformers``
@@ -580,8 +583,7 @@ def wrap(
 
     Raises:
         ValueError: no layer matched (the message lists the candidate names), ``r`` is out of range for a
-            matched layer, a matched layer's weight is tied to another module, a quantized layer was
-            selected, or the model is already wrapped, carries PEFT adapters or is DDP/FSDP-wrapped. A
+            matched layer, a matched layer's weight is tied to another module, or the model is already wrapped, carries PEFT adapters or is DDP/FSDP-wrapped. A
             refused wrap leaves the model as it was.
 
     Example::
@@ -618,11 +620,6 @@ def wrap(
         ok = id(mod) not in default_excluded if target is None else _name_matches(name, mod, target, "target_modules")
         if ok and cfg.exclude_modules is not None and _name_matches(name, mod, cfg.exclude_modules, "exclude_modules"):
             ok = False
-        if ok and kind == "quantized":
-            raise ValueError(
-                f"wrap: cannot adapt layer {name!r}: it is a bitsandbytes {type(mod).__name__} (quantized weights), "
-                "which relora_ext does not merge into yet; load the base model unquantized (e.g. bf16) or leave "
-                "the layer out with exclude_modules")
         if ok:
             chosen[id(mod)] = (name, mod)
     if not chosen:
@@ -650,7 +647,12 @@ def wrap(
             raise ValueError(f"wrap: cannot adapt layer {name!r}: {e}") from None
     new = {}
     for key, (name, mod) in chosen.items():
-        new[key] = LoRALinear.from_linear(mod, **settings)
+        if _kind(mod) == "quantized":
+            from .quantized import QuantizedLoRALinear
+
+            new[key] = QuantizedLoRALinear.from_quantized(mod, **settings)
+        else:
+            new[key] = LoRALinear.from_linear(mod, **settings)
         new[key].train(mod.training)
     for _, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent._modules.items()):  # every use (named_children skips repeats)
