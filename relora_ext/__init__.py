@@ -13,17 +13,19 @@ import torch  # noqa: F401  (loads libtorch before _C links against it)
 from . import _C  # noqa: F401  (registers torch.ops.relora.*)
 from . import ops
 from .analysis import TrainingStats, UpdateTracker, effective_rank, optimizer_state_bytes, update_spectrum
-from .checkpoint import atomic_save, load_checkpoint, load_sharded, save_checkpoint, save_sharded
+from .checkpoint import (atomic_save, load_adapters, load_checkpoint, load_sharded, save_adapters, save_checkpoint,
+                         save_sharded)
 from .cycle import CycleRefused
 from .lora import LoRALinear, ReLoRAConfig, lora_layers, print_trainable_parameters, unwrap, wrap
 from .optim import ReLoRAOptimizer
 from .schedule import JaggedCosineLR
 
 __all__ = [
-    "ops", "LoRALinear", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters", "ReLoRAOptimizer", "JaggedCosineLR",
-    "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "atomic_save", "CycleRefused",
-    "save_pretrained", "merged_state_dict", "export_peft_adapter", "ReLoRACallback", "effective_rank", "update_spectrum",
-    "UpdateTracker", "TrainingStats", "optimizer_state_bytes",
+    "ops", "LoRALinear", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters",
+    "ReLoRAOptimizer", "CycleRefused", "JaggedCosineLR",
+    "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "save_adapters", "load_adapters",
+    "atomic_save", "save_pretrained", "merged_state_dict", "export_peft_adapter", "ReLoRACallback",
+    "effective_rank", "update_spectrum", "UpdateTracker", "TrainingStats", "optimizer_state_bytes",
 ]
 __version__ = "0.1.0"
 

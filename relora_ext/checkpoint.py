@@ -27,16 +27,17 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import json
 import os
 import random
 import tempfile
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
 __all__ = [
     "atomic_save", "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "get_rng_state",
-    "set_rng_state", "adapter_settings", "check_optimizer_state",
+    "set_rng_state", "adapter_settings", "check_optimizer_state", "save_adapters", "load_adapters",
 ]
 
 FORMAT = "relora_ext.checkpoint/2"
@@ -69,25 +70,17 @@ def _remove_stale_temporaries(path: str) -> None:
             pass
 
 
-def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)`` atomically: a reader sees the old file or the complete new one, never half.
-
-    Writes a temporary file ``.{name}.{pid}.*.tmp`` in ``path``'s directory, flushes and ``fsync``\\s it,
-    renames it over ``path`` with :func:`os.replace` (atomic on POSIX and Windows) and ``fsync``\\s the
-    directory. On any error the temporary file is removed and ``path`` is left as it was; the temporary
-    files of a killed save (whose process is gone) are removed by the next save.
-
-    Example: ``atomic_save({"step": 3, "w": torch.ones(2)}, "runs/x.pt")``.
-    """
+def _atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, ``fsync`` it and rename it over ``path``."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -106,6 +99,70 @@ def atomic_save(obj: Any, path: PathLike) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj, path)`` atomically: a reader sees the old file or the complete new one, never half.
+
+    Writes a temporary file ``.{name}.{pid}.*.tmp`` in ``path``'s directory, flushes and ``fsync``\\s it,
+    renames it over ``path`` with :func:`os.replace` (atomic on POSIX and Windows) and ``fsync``\\s the
+    directory. On any error the temporary file is removed and ``path`` is left as it was; the temporary
+    files of a killed save (whose process is gone) are removed by the next save.
+
+    Example: ``atomic_save({"step": 3, "w": torch.ones(2)}, "runs/x.pt")``.
+    """
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+# -- the safetensors format: tensors in the file, the structure around them as JSON in its metadata ------------
+
+
+def _to_skeleton(obj: Any, tensors: Dict[str, torch.Tensor], seen: Dict[int, str]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in seen:  # a tensor held twice (tied weights) is stored once
+            t = obj.detach().cpu().contiguous()
+            if any(t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() for u in tensors.values()
+                   if t.numel() and u.numel()):
+                t = t.clone()  # safetensors stores no two tensors over one memory
+            seen[id(obj)] = key = str(len(tensors))
+            tensors[key] = t
+        return {"T": seen[id(obj)]}
+    if isinstance(obj, dict):
+        return {"D": [[_to_skeleton(k, tensors, seen), _to_skeleton(v, tensors, seen)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"L" if isinstance(obj, list) else "U": [_to_skeleton(v, tensors, seen) for v in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"save_checkpoint(safetensors=True): cannot store a {type(obj).__name__}")
+
+
+def _from_skeleton(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "T" in obj:
+            return tensors[obj["T"]]
+        if "D" in obj:
+            return {_from_skeleton(k, tensors): _from_skeleton(v, tensors) for k, v in obj["D"]}
+        items = [_from_skeleton(v, tensors) for v in obj.get("L", obj.get("U", []))]
+        return items if "L" in obj else tuple(items)
+    return obj
+
+
+def _save_safetensors(obj: Dict[str, Any], path: PathLike) -> None:
+    from safetensors.torch import save_file
+
+    tensors: Dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_to_skeleton(obj, tensors, {}))
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"relora_ext": skeleton}))
+
+
+def _load_safetensors(path: str, map_location: Any) -> Any:
+    from safetensors import safe_open
+
+    device = map_location if isinstance(map_location, str) else "cpu"
+    with safe_open(path, framework="pt", device=device) as f:
+        skeleton = json.loads((f.metadata() or {})["relora_ext"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _from_skeleton(skeleton, tensors)
 
 
 def _digest(obj: Any) -> str:
@@ -135,8 +192,13 @@ def _digest(obj: Any) -> str:
 
 
 def _load_file(path: str, map_location: Any, where: str) -> Any:
-    """``torch.load(weights_only=True)``, with a damaged file reported as such."""
+    """``torch.load(weights_only=True)`` or the safetensors reader (by the file's first bytes), with a damaged
+    file reported as such."""
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PK\x03\x04":  # not a zip archive (torch.save): a safetensors file
+            return _load_safetensors(path, map_location)
         return torch.load(path, map_location=map_location, weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
@@ -285,6 +347,7 @@ def save_checkpoint(
     scaler: Optional[Any] = None,
     extra: Optional[Dict[str, Any]] = None,
     rng: bool = True,
+    safetensors: bool = False,
 ) -> None:
     """Write model, optimizer, scheduler, scaler, RNG states and ``extra`` to ``path`` atomically.
 
@@ -299,6 +362,9 @@ def save_checkpoint(
             is refused with :class:`TypeError` before anything is written.
         rng: also save :func:`get_rng_state` (default ``True``; needed for bit-identical resume when
             dropout or random data order use the global generators).
+        safetensors: write a safetensors file (every tensor in it, the structure as JSON in its metadata;
+            nothing is unpickled on load) instead of ``torch.save``'s archive. :func:`load_checkpoint` reads
+            both.
 
     Example: ``save_checkpoint("runs/demo/ckpt.pt", model=model, optimizer=opt, scheduler=sched)``.
     """
@@ -315,7 +381,10 @@ def save_checkpoint(
         ckpt["rng"] = get_rng_state()
     ckpt["extra"] = extra
     ckpt["sha256"] = _digest(ckpt)
-    atomic_save(ckpt, path)
+    if safetensors:
+        _save_safetensors(ckpt, path)
+    else:
+        atomic_save(ckpt, path)
 
 
 def load_checkpoint(
@@ -375,6 +444,65 @@ def load_checkpoint(
     if rng and "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     return ckpt.get("extra", {})
+
+
+# -- adapters only ------------------------------------------------------------------------------------
+
+
+def save_adapters(model: torch.nn.Module, path: PathLike) -> None:
+    """Write only the adapters, ``lora_A``/``lora_B`` of every LoRALinear, to a safetensors file (atomically),
+    with their settings (:func:`adapter_settings`) in its metadata. Small: no frozen weight, no optimizer.
+
+    The adapters hold what was learned since the last cycle; what earlier cycles learned is merged into the
+    weights: to share all of it, use :func:`relora_ext.export_peft_adapter`. Example:
+    ``save_adapters(model, "runs/adapters.safetensors")``.
+    """
+    from safetensors.torch import save_file
+
+    from .lora import lora_layers
+
+    tensors = {}
+    for name, layer in lora_layers(model):
+        for pname in ("lora_A", "lora_B"):
+            tensors[f"{name}.{pname}"] = getattr(layer, pname).detach().cpu().contiguous()
+    if not tensors:
+        raise ValueError(f"save_adapters: model ({type(model).__name__}) has no LoRALinear layer")
+    meta = {"relora_ext_adapters": json.dumps(adapter_settings(model))}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+@torch.no_grad()
+def load_adapters(model: torch.nn.Module, path: PathLike) -> None:
+    """Load what :func:`save_adapters` wrote into a model wrapped with the same settings; everything is
+    checked (layers, ``r``, ``alpha``, ``init_std``, shapes) before any adapter changes.
+    Example: ``load_adapters(model, "runs/adapters.safetensors")``."""
+    from safetensors import safe_open
+
+    from .lora import lora_layers
+
+    where = "load_adapters"
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            saved = json.loads((f.metadata() or {}).get("relora_ext_adapters", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{where}: {path!r} is not a readable safetensors file ({type(e).__name__})") from None
+    if saved is None:
+        raise ValueError(f"{where}: {path!r} was not written by save_adapters (no adapter settings)")
+    _check_adapters(model, saved, where)
+    layers = lora_layers(model)
+    for name, layer in layers:
+        for pname in ("lora_A", "lora_B"):
+            t, p = tensors.get(f"{name}.{pname}"), getattr(layer, pname)
+            if t is None or tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{where}: {name}.{pname} has shape {None if t is None else tuple(t.shape)} in "
+                                 f"{path!r}, expected {tuple(p.shape)}")
+    for name, layer in layers:
+        for pname in ("lora_A", "lora_B"):
+            getattr(layer, pname).copy_(tensors[f"{name}.{pname}"])
 
 
 # -- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------------

@@ -190,3 +190,19 @@ def test_trainer_callback_logs_cycles(tmp_path):
     with pytest.warns(UserWarning, match="no cycle will run"):
         cb = relora_ext.ReLoRACallback(opt)
         cb.on_train_begin(args, type("S", (), {"max_steps": 1})(), None)
+
+
+def test_adapters_only_save_and_load(tmp_path):
+    model = wrap(tiny_llama(), r=4)
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=100)
+    train(model, opt, 2)
+    relora_ext.save_adapters(model, tmp_path / "a.safetensors")
+    other = wrap(tiny_llama(), r=4)
+    relora_ext.load_adapters(other, tmp_path / "a.safetensors")
+    for (_, a), (_, b) in zip(lora_layers(model), lora_layers(other)):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+    wrong = wrap(tiny_llama(), r=4, lora_alpha=8)
+    before = [l.lora_A.clone() for _, l in lora_layers(wrong)]
+    with pytest.raises(ValueError, match="alpha=4.0 but the model has alpha=8.0"):
+        relora_ext.load_adapters(wrong, tmp_path / "a.safetensors")
+    assert all(torch.equal(b, l.lora_A) for b, (_, l) in zip(before, lora_layers(wrong)))

@@ -389,7 +389,8 @@ import os, signal, torch
 from relora_ext import checkpoint
 real = torch.save
 def dying_save(obj, f):
-    f.write(b"x" * 4096); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
+    with open(f, "wb") as fh:
+        fh.write(b"x" * 4096); fh.flush(); os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.torch.save = dying_save
 checkpoint.atomic_save({{"a": torch.ones(3)}}, {str(path)!r})
 """
