@@ -19,10 +19,11 @@ from .cycle import CycleRefused
 from .lora import LoRALinear, ReLoRAConfig, lora_layers, print_trainable_parameters, unwrap, wrap
 from .optim import ReLoRAOptimizer
 from .schedule import JaggedCosineLR
+from .sst import SSTLinear
 
 __all__ = [
     "ops", "LoRALinear", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters",
-    "ReLoRAOptimizer", "CycleRefused", "JaggedCosineLR",
+    "SSTLinear", "ReLoRAOptimizer", "CycleRefused", "JaggedCosineLR",
     "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "save_adapters", "load_adapters",
     "atomic_save", "save_pretrained", "merged_state_dict", "export_peft_adapter", "ReLoRACallback",
     "effective_rank", "update_spectrum", "UpdateTracker", "TrainingStats", "optimizer_state_bytes",

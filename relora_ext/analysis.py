@@ -37,6 +37,8 @@ __all__ = ["effective_rank", "update_spectrum", "UpdateTracker", "TrainingStats"
 
 def _effective_weight(layer: nn.Module) -> torch.Tensor:
     """The weight a layer applies, ``(out, in)``, in fp32: ``W + s·B·A`` for a LoRALinear, ``W`` otherwise."""
+    if hasattr(layer, "weight_sst"):  # SSTLinear: U diag(Σ) Vᵀ
+        return layer.weight_sst().float()
     if isinstance(layer, LoRALinear):
         w = layer.weight.detach().float()
         return w + layer.scaling * (layer.lora_B.detach().float() @ layer.lora_A.detach().float())

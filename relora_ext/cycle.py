@@ -29,7 +29,7 @@ from . import ops
 from ._checks import FLOAT_DTYPES, check_bool, check_choice, check_float, check_int, check_u64
 
 __all__ = [
-    "CycleSettings", "CycleRefused", "CycleResult", "run_cycle", "merge_and_reset_layer_", "check_layer",
+    "CycleSettings", "CycleRefused", "CycleResult", "run_cycle", "merge_and_reset_layer_", "check_layer", "cycled_layers",
     "reset_offset", "prune_offset", "MAX_STATE_TENSORS",
 ]
 
@@ -126,6 +126,9 @@ class LocalLayer:
     """A layer whose parameters and optimizer state are plain tensors (one process, or DDP replicas)."""
 
     sharded = False
+    cycled = ("lora_A", "lora_B")  # the parameters whose optimizer state a cycle prunes
+    trained = cycled  # the parameters the wrapped optimizer must hold
+    floating = ("weight", "lora_A", "lora_B")  # the tensors the kernels take: float32, bfloat16 or float16
 
     @staticmethod
     def tensors(layer) -> Dict[str, torch.Tensor]:
@@ -154,11 +157,10 @@ class LocalLayer:
         return None
 
 
-class ShardedLayer:
+class ShardedLayer(LocalLayer):
     """A layer whose parameters are FSDP2 DTensors: rows merged per shard, state pruned with global rules."""
 
     sharded = True
-    tensors = LocalLayer.tensors
 
     @staticmethod
     def local(t):
@@ -186,6 +188,8 @@ class ShardedLayer:
 class QuantizedLayer(LocalLayer):
     """A :class:`~relora_ext.quantized.QuantizedLoRALinear`: merged by dequantize, add, requantize."""
 
+    floating = ("lora_A", "lora_B")
+
     @staticmethod
     def tensors(layer) -> Dict[str, torch.Tensor]:
         return {"lora_A": layer.lora_A, "lora_B": layer.lora_B}  # W is rewritten whole, from float32
@@ -197,11 +201,51 @@ class QuantizedLayer(LocalLayer):
         return None
 
 
-def backend_for(layer):
-    """The backend of ``layer``: :class:`QuantizedLayer` for a quantized base, :class:`ShardedLayer` if any of
-    its parameters is a DTensor, else :class:`LocalLayer`."""
-    from .quantized import QuantizedLoRALinear
+class SSTLayer:
+    """An :class:`~relora_ext.sst.SSTLinear`: an SST iteration (re-SVD at a round's end, resample, swap in,
+    clear the state of the active columns) instead of merge and reset."""
 
+    sharded = False
+    cycled = ("U_active", "V_active")
+    trained = floating = ("sigma", "U_active", "V_active")
+    local = staticmethod(LocalLayer.local)
+
+    @staticmethod
+    def check(plan) -> Optional[str]:
+        return plan.layer.check() or _check_state(plan)
+
+    @staticmethod
+    def run(plan, settings: CycleSettings, cycle: int, state) -> int:
+        from .sst import sample_offset
+
+        layer = plan.layer
+        if (cycle + 1) % layer.rounds_every == 0:  # a round is over: restore orthogonality
+            layer.resvd_()
+            for _, t in _state_tensors(layer.sigma, state):  # Σ's entries were re-sorted by the SVD
+                t.zero_()
+        layer.resample_(seed=settings.seed, offset=sample_offset(plan.index, cycle))
+        for _, _, t in plan.states:  # the new active columns start without history
+            t.zero_()
+        return sum(t.numel() for _, _, t in plan.states)
+
+
+def cycled_layers(model) -> List[Tuple[str, Any]]:
+    """The ``(name, layer)`` pairs a cycle works on, in ``named_modules`` order (the layer index ``ℓ``):
+    every :class:`~relora_ext.lora.LoRALinear` and :class:`~relora_ext.sst.SSTLinear`."""
+    from .lora import LoRALinear
+    from .sst import SSTLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, SSTLinear))]
+
+
+def backend_for(layer):
+    """The backend of ``layer``: :class:`SSTLayer`, :class:`QuantizedLayer` for a quantized base,
+    :class:`ShardedLayer` if any of its parameters is a DTensor, else :class:`LocalLayer`."""
+    from .quantized import QuantizedLoRALinear
+    from .sst import SSTLinear
+
+    if isinstance(layer, SSTLinear):
+        return SSTLayer
     if isinstance(layer, QuantizedLoRALinear):
         return QuantizedLayer
     sharded = any(_is_dtensor(p) for p in (layer.weight, layer.lora_A, layer.lora_B))
@@ -217,7 +261,7 @@ class _LayerPlan:
     name: str
     layer: Any
     backend: Any
-    states: List[Tuple[str, str, torch.Tensor]]  # (lora_A or lora_B, state key, tensor to prune), in j order
+    states: List[Tuple[str, str, torch.Tensor]]  # (parameter name, state key, tensor to prune), in j order
 
 
 def _state_tensors(param, state) -> List[Tuple[str, torch.Tensor]]:
@@ -289,7 +333,7 @@ def _check_state(plan: _LayerPlan) -> Optional[str]:
 def _plan(layers: Sequence[Tuple[str, Any]], backends: Sequence[Any], state) -> List[_LayerPlan]:
     plans = []
     for li, ((name, layer), backend) in enumerate(zip(layers, backends)):
-        states = [(pname, key, t) for pname in ("lora_A", "lora_B")
+        states = [(pname, key, t) for pname in backend.cycled
                   for key, t in _state_tensors(getattr(layer, pname), state)]
         plans.append(_LayerPlan(li, name, layer, backend, states))
     return plans
@@ -297,7 +341,8 @@ def _plan(layers: Sequence[Tuple[str, Any]], backends: Sequence[Any], state) -> 
 
 def _collective_device(plans: Sequence[_LayerPlan]) -> torch.device:
     """The device of the parameters: collectives about them run there (NCCL takes CUDA tensors only)."""
-    return plans[0].backend.local(plans[0].layer.lora_A).device
+    first = plans[0]
+    return first.backend.local(getattr(first.layer, first.backend.cycled[0])).device
 
 
 def _vote(problems: List[Optional[str]], device, group) -> List[bool]:
@@ -332,7 +377,8 @@ def run_cycle(layers: Sequence[Tuple[str, Any]], backends: Sequence[Any], state,
     refused. Example: ``run_cycle(lora_layers(model), [LocalLayer] * n, opt.state, CycleSettings(100), 0)``.
     """
     plans = _plan(layers, backends, state)
-    problems = [check_layer(p.name, p.layer, p.backend) or _check_state(p) for p in plans]
+    problems = [p.backend.check(p) if p.backend is SSTLayer else check_layer(p.name, p.layer, p.backend) or
+                _check_state(p) for p in plans]
     refused = [p is not None for p in problems]
     if distributed:
         refused = _vote(problems, _collective_device(plans), group)
@@ -346,6 +392,10 @@ def run_cycle(layers: Sequence[Tuple[str, Any]], backends: Sequence[Any], state,
     full_A: List[Optional[torch.Tensor]] = []
     guard_counts: Dict[int, Tuple[Any, List[int]]] = {}
     for plan in plans:
+        if plan.backend is SSTLayer:
+            total += SSTLayer.run(plan, settings, cycle, state)
+            full_A.append(None)
+            continue
         off = reset_offset(plan.index, cycle)
         full_A.append(plan.backend.merge_and_reset(plan.layer, seed=settings.seed, offset=off,
                                                    rounding=settings.rounding, merge_seed=merge_seed(settings, off)))

@@ -177,10 +177,10 @@ def fingerprint(opt) -> Dict[str, Any]:
         "layers": len(opt.model_layers),
     }
     for i, (name, layer) in enumerate(opt.model_layers):
-        w = layer.weight
+        w = layer.sigma if hasattr(layer, "sigma") else layer.weight
         placements = tuple(str(p) for p in w.placements) if is_dtensor(w) else ()
-        fp[f"layer[{i}]"] = (_canonical_name(name), tuple(w.shape), int(layer.r), float(layer.alpha),
-                             float(layer.init_std), str(w.dtype), placements)
+        fp[f"layer[{i}]"] = (_canonical_name(name), type(layer).__name__, tuple(w.shape), int(layer.r),
+                             getattr(layer, "alpha", None), getattr(layer, "init_std", None), str(w.dtype), placements)
     return fp
 
 
@@ -199,6 +199,10 @@ def draw_hashes(opt, full_A: Optional[Sequence[torch.Tensor]] = None) -> Dict[st
     """
     out: Dict[str, Any] = {}
     for i, (_, layer) in enumerate(opt.model_layers):
+        if hasattr(layer, "sigma"):  # SST: the sampled directions and the spectrum
+            out[f"U_active[{i}] after resample"] = _tensor_hash(layer.U_active)
+            out[f"sigma[{i}]"] = _tensor_hash(layer.sigma)
+            continue
         a = full_A[i] if full_A is not None and full_A[i] is not None else layer.lora_A
         if not is_dtensor(a):
             out[f"A[{i}] after reset"] = _tensor_hash(a)

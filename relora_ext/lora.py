@@ -470,6 +470,8 @@ class ReLoRAConfig:
             heads, biases) stays trainable. ``True`` (PEFT's LoRA): only the adapters (and ``modules_to_save``)
             train.
         modules_to_save: name suffixes of modules that stay trainable when ``freeze_others=True``.
+        method: ``"relora"`` (default): :class:`LoRALinear` layers, ReLoRA*; ``"sst"``: Sparse Spectral Training,
+            :class:`relora_ext.sst.SSTLinear` layers (``nn.Linear`` bases only).
 
     Example: ``wrap(model, ReLoRAConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))``.
     """
@@ -482,10 +484,16 @@ class ReLoRAConfig:
     init_std: Optional[float] = None
     freeze_others: bool = False
     modules_to_save: Sequence[str] = ()
+    method: str = "relora"
 
     def __post_init__(self) -> None:
         where = "ReLoRAConfig"
         check_int(where, "r", self.r, lo=1)
+        if self.method not in ("relora", "sst"):
+            raise ValueError(f"{where}: method must be 'relora' or 'sst', got {self.method!r}")
+        if self.method == "sst" and (self.lora_alpha is not None or self.lora_dropout or self.init_std is not None):
+            raise ValueError(f"{where}: method='sst' trains singular vectors and values: lora_alpha, lora_dropout and "
+                             "init_std do not apply (leave them unset)")
         if self.lora_alpha is not None:
             check_float(where, "lora_alpha", self.lora_alpha, lo=0.0, lo_open=True)
         check_float(where, "lora_dropout", self.lora_dropout, lo=0.0, hi=1.0, hi_open=True)
@@ -546,6 +554,7 @@ def wrap(
     exclude_modules: ModuleSelector = None,
     freeze_others: Optional[bool] = None,
     modules_to_save: Optional[Sequence[str]] = None,
+    method: Optional[str] = None,
     alpha: Optional[float] = None,
     dropout: Optional[float] = None,
 ) -> nn.Module:
@@ -598,11 +607,11 @@ def wrap(
         raise TypeError(f"wrap: model must be an nn.Module, got {type(model).__name__}")
     cfg = _config(config, dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, init_std=init_std,
                                target_modules=target_modules, exclude_modules=exclude_modules,
-                               freeze_others=freeze_others, modules_to_save=modules_to_save, alpha=alpha,
-                               dropout=dropout))
+                               freeze_others=freeze_others, modules_to_save=modules_to_save, method=method,
+                               alpha=alpha, dropout=dropout))
     settings = dict(r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, init_std=cfg.init_std)
     if type(model) is nn.Linear:  # the model is one layer: it cannot be replaced in place, return its adapter
-        return LoRALinear.from_linear(model, **settings)
+        return _adapter(model, cfg, settings)
     _refuse_foreign_wrappers(model)
     owners: dict = {}  # id(parameter) -> {id(module): name} of every module holding it
     for name, mod in model.named_modules(remove_duplicate=False):
@@ -645,14 +654,12 @@ def wrap(
             check_rank("LoRALinear.from_linear", cfg.r, in_f, out_f)
         except ValueError as e:
             raise ValueError(f"wrap: cannot adapt layer {name!r}: {e}") from None
+        if cfg.method == "sst" and _kind(mod) != "linear":
+            raise ValueError(f"wrap: cannot adapt layer {name!r} with method='sst': it is a {type(mod).__name__}; "
+                             "SST takes nn.Linear layers (leave it out with exclude_modules)")
     new = {}
     for key, (name, mod) in chosen.items():
-        if _kind(mod) == "quantized":
-            from .quantized import QuantizedLoRALinear
-
-            new[key] = QuantizedLoRALinear.from_quantized(mod, **settings)
-        else:
-            new[key] = LoRALinear.from_linear(mod, **settings)
+        new[key] = _adapter(mod, cfg, settings)
         new[key].train(mod.training)
     for _, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent._modules.items()):  # every use (named_children skips repeats)
@@ -667,6 +674,19 @@ def wrap(
             if id(p) not in keep:
                 p.requires_grad_(False)
     return model
+
+
+def _adapter(mod: nn.Module, cfg: ReLoRAConfig, settings: dict) -> nn.Module:
+    """The module that replaces ``mod``: an SSTLinear, a QuantizedLoRALinear or a LoRALinear."""
+    if cfg.method == "sst":
+        from .sst import SSTLinear
+
+        return SSTLinear.from_linear(mod, r=cfg.r)
+    if _kind(mod) == "quantized":
+        from .quantized import QuantizedLoRALinear
+
+        return QuantizedLoRALinear.from_quantized(mod, **settings)
+    return LoRALinear.from_linear(mod, **settings)
 
 
 def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
@@ -715,15 +735,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unwrap: model must be an nn.Module, got {type(model).__name__}")
+    from .cycle import CycleRefused
+    from .sst import SSTLinear
+
     if isinstance(model, LoRALinear):
         return model.to_base()
+    if isinstance(model, SSTLinear):
+        return model.to_linear()
     for name, layer in lora_layers(model):  # all or nothing: check every layer before merging any
         layer._check_mergeable("unwrap", name)
+    for name, mod in model.named_modules():
+        if isinstance(mod, SSTLinear) and mod.check() is not None:
+            raise CycleRefused(f"unwrap: refused, nothing was changed: layer {name!r}: {mod.check()}")
     converted: dict = {}
     for name, mod in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(mod._modules.items()):
-            if isinstance(child, LoRALinear):
+            if isinstance(child, (LoRALinear, SSTLinear)):
                 if id(child) not in converted:
-                    converted[id(child)] = child.to_base()
+                    converted[id(child)] = child.to_base() if isinstance(child, LoRALinear) else child.to_linear()
                 setattr(mod, child_name, converted[id(child)])
     return model

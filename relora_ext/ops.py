@@ -17,7 +17,7 @@ import torch
 from ._checks import (F32_MAX, FLOAT_DTYPES, as_i64, check_choice, check_contiguous, check_disjoint, check_float,
                       check_same_device, check_tensor, check_u64, check_writable)
 
-__all__ = ["merge_", "reset_", "prune_", "FLOAT_DTYPES"]
+__all__ = ["merge_", "reset_", "prune_", "uniform_", "FLOAT_DTYPES"]
 
 
 def _random_seed() -> int:
@@ -148,3 +148,22 @@ def prune_(x: torch.Tensor, ratio: float, *, mode: str = "magnitude", seed: int 
     if x.device.type == "meta" or torch.compiler.is_compiling():
         return kept  # the count is data: unknown on meta tensors and while tracing
     return int(kept)
+
+
+def uniform_(x: torch.Tensor, *, seed: int, offset: int = 0) -> None:
+    """Fill a float32 tensor in place with uniforms in ``(0, 1]`` from the Philox stream ``(seed, offset)``.
+
+    Element ``e`` (flat order) takes word ``e`` of the stream: ``u = (⌊w / 2⁸⌋ + 1) · 2⁻²⁴``, computed in
+    integers, so it is bit-identical on every device, thread count and rank. SST samples its directions
+    with it. Example: ``u = torch.empty(5); uniform_(u, seed=0, offset=3)``.
+    """
+    fn = "uniform_"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{fn}: x must be float32, got {x.dtype}")
+    check_contiguous(fn, "x", x)
+    check_writable(fn, "x", x)
+    seed, offset = as_i64(check_u64(fn, "seed", seed)), as_i64(check_u64(fn, "offset", offset))
+    with torch.no_grad():
+        torch.ops.relora.uniform_(x, seed, offset)

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ._checks import check_bool
-from .cycle import CycleRefused, CycleSettings, backend_for, prune_offset, reset_offset, run_cycle
-from .lora import lora_layers
+from .cycle import (CycleRefused, CycleSettings, SSTLayer, backend_for, cycled_layers, prune_offset, reset_offset,
+                    run_cycle)
 
 __all__ = ["ReLoRAOptimizer", "reset_offset", "prune_offset"]
 
@@ -135,23 +135,24 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         self.settings = CycleSettings(reset_every=reset_every, prune_ratio=prune_ratio, prune=prune, seed=seed,
                                       rounding=rounding, prune_guard=prune_guard)
         check_bool(where, "check_ranks", check_ranks)
-        layers = lora_layers(model)
+        layers = cycled_layers(model)
         if not layers:
             raise ValueError(
                 f"{where}: model ({type(model).__name__}) has no LoRALinear layer; call relora_ext.wrap(model, r=...) "
                 "before building the optimizer"
             )
+        backends = [backend_for(layer) for _, layer in layers]  # local, sharded, quantized or SST: once per layer
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for name, layer in layers:
-            for pname in ("lora_A", "lora_B"):
+        for (name, layer), backend in zip(layers, backends):
+            for pname in backend.trained:
                 if id(getattr(layer, pname)) not in held:
                     raise ValueError(
                         f"{where}: the wrapped optimizer does not hold {name}.{pname} "
                         f"(shape {tuple(getattr(layer, pname).shape)}); build it from model.parameters() after "
                         "relora_ext.wrap(model, ...), so that it trains the adapters"
                     )
-        for name, layer in layers:
-            for pname in ("weight", "lora_A", "lora_B"):
+        for (name, layer), backend in zip(layers, backends):
+            for pname in backend.floating:
                 dt = getattr(layer, pname).dtype
                 if not dt.is_floating_point or dt == torch.float64:
                     raise TypeError(
@@ -160,7 +161,8 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.model = model
         self.model_layers = layers
-        self._backends = [backend_for(layer) for _, layer in layers]  # local or sharded, chosen once per layer
+        self._backends = backends
+        self._sst_layers = [layer for (_, layer), b in zip(layers, backends) if b is SSTLayer]
         self.process_group = process_group
         self.check_ranks = check_ranks
         self._ranks_checked = False
@@ -242,6 +244,8 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         if self.steps_taken == 0:
             self._check_layers_unchanged("step 1")
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        for layer in self._sst_layers:  # SST: unit-length active directions, Σ >= 0
+            layer.renormalize_()
         self.steps_taken += 1
         if self.steps_taken % self.settings.reset_every == 0:
             self.restart()
@@ -305,7 +309,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
     def _check_layers_unchanged(self, when: str) -> None:
         """Refuse to go on if the model gained LoRALinear layers this optimizer does not know."""
         known = {id(layer) for _, layer in self.model_layers}
-        new = [name for name, layer in lora_layers(self.model) if id(layer) not in known]
+        new = [name for name, layer in cycled_layers(self.model) if id(layer) not in known]
         if new:
             raise CycleRefused(
                 f"ReLoRAOptimizer: {when} refused, nothing was changed: layer(s) {new} were wrapped after this "

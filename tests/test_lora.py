@@ -244,7 +244,7 @@ def test_bad_arguments():
         LoRALinear(8, 8, r=2, init_std=float("nan"))
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         LoRALinear(0, 8, r=1)
-    with pytest.raises(TypeError, match="linear must be an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="linear must be an nn.Linear or a transformers Conv1D, got Conv1d"):
         LoRALinear.from_linear(nn.Conv1d(2, 2, 1), r=1)
 
 
@@ -302,12 +302,12 @@ def test_wrap_selectors():
         "blocks.1.q_proj", "blocks.1.v_proj", "blocks.1.mlp"]
     assert wrapped_names(wrap(TinyLM(tied=False), r=2, target_modules=lambda n, m: m.out_features == 50)) == ["lm_head"]
     assert wrapped_names(wrap(TinyLM(), r=2, exclude_modules=["mlp", "v_proj"])) == ["blocks.0.q_proj", "blocks.1.q_proj"]
-    with pytest.raises(ValueError, match=r"no nn.Linear layer of TinyLM matched target_modules=\['proj'\].*blocks.0.q_proj"):
+    with pytest.raises(ValueError, match=r"no linear layer \(nn.Linear, transformers Conv1D\) of TinyLM matched target_modules=\['proj'\].*blocks.0.q_proj"):
         wrap(TinyLM(), r=2, target_modules=["proj"])
 
 
 def test_wrap_errors():
-    with pytest.raises(ValueError, match="no nn.Linear layer of Sequential matched"):
+    with pytest.raises(ValueError, match=r"no linear layer \(nn.Linear, transformers Conv1D\) of Sequential matched"):
         wrap(nn.Sequential(nn.Conv1d(2, 2, 1)), r=1)
     with pytest.raises(ValueError, match=r"cannot adapt layer 'lm_head'.*r must satisfy"):
         wrap(TinyLM(tied=False), r=17, target_modules=["lm_head"])

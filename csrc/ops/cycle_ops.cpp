@@ -3,6 +3,7 @@
 //   merge_(W, A, B, scale, rounding, seed)   W += scale * B @ A, one rounding per element of W
 //   reset_(A, B, std, seed, offset)          B = 0; A = std * Philox normals (seed, offset)
 //   prune_(x, ratio, selection, seed, offset) -> kept   zero all but a (1 - ratio) share of x
+//   uniform_(x, seed, offset)                x = Philox uniforms in (0, 1] (SST's sampling)
 //
 // Implementations by device: csrc/ops/cpu/ (the C kernels), csrc/ops/portable/ (ATen, every other
 // device). Argument checks with user-facing messages: relora_ext/_checks.py via relora_ext/ops.py.
@@ -16,6 +17,7 @@ TORCH_LIBRARY(relora, m) {
   m.def("merge_(Tensor(a!) W, Tensor A, Tensor B, float scale, str rounding, int seed) -> ()");
   m.def("reset_(Tensor(a!) A, Tensor(b!) B, float std, int seed, int offset) -> ()");
   m.def("prune_(Tensor(a!) x, float ratio, str selection, int seed, int offset) -> Tensor");
+  m.def("uniform_(Tensor(a!) x, int seed, int offset) -> ()");
 }
 
 // Autograd, for any op of this library: the ops have no derivative, so under grad mode an input
@@ -49,6 +51,7 @@ TORCH_LIBRARY_IMPL(relora, Autograd, m) {
   m.impl("merge_", torch::CppFunction::makeFromBoxedFunction<&autograd_inplace>());
   m.impl("reset_", torch::CppFunction::makeFromBoxedFunction<&autograd_inplace>());
   m.impl("prune_", torch::CppFunction::makeFromBoxedFunction<&autograd_inplace>());
+  m.impl("uniform_", torch::CppFunction::makeFromBoxedFunction<&autograd_inplace>());
 }
 
 // Meta: shapes only (the ops return nothing but prune_'s 0-dim count), so that meta tensors and
@@ -60,10 +63,12 @@ void reset_meta(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t) 
 at::Tensor prune_meta(const at::Tensor& x, double, c10::string_view, int64_t, int64_t) {
   return at::empty({}, x.options().dtype(at::kLong));
 }
+void uniform_meta(const at::Tensor&, int64_t, int64_t) {}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(relora, Meta, m) {
   m.impl("merge_", &merge_meta);
   m.impl("reset_", &reset_meta);
   m.impl("prune_", &prune_meta);
+  m.impl("uniform_", &uniform_meta);
 }

@@ -182,7 +182,17 @@ at::Tensor prune_portable(const at::Tensor& x, double ratio, c10::string_view mo
   return at::scalar_tensor(k, x.options().dtype(at::kLong));
 }
 
+void uniform_portable(const at::Tensor& x, int64_t seed, int64_t offset) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "uniform_: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous(), "uniform_: x must be contiguous, got strides ", x.strides());
+  if (x.numel() == 0) return;
+  // u = (word >> 8 + 1) 2^-24 in (0, 1], as the C kernels' philox_uniform_open0: integer steps, exact
+  at::Tensor w = philox_words(as_u64(seed), as_u64(offset), 0, x.numel(), x.device());
+  x.copy_(((w.bitwise_right_shift(8) + 1).to(at::kFloat) * 0x1.0p-24f).view(x.sizes()));
+}
+
 TORCH_LIBRARY_IMPL(relora, CompositeExplicitAutograd, m) {
+  m.impl("uniform_", &uniform_portable);
   m.impl("merge_", &merge_portable);
   m.impl("reset_", &reset_portable);
   m.impl("prune_", &prune_portable);

@@ -12,5 +12,6 @@ void reset_portable(const at::Tensor& A, const at::Tensor& B, double std, int64_
                     int64_t offset);
 at::Tensor prune_portable(const at::Tensor& x, double ratio, c10::string_view mode, int64_t seed,
                           int64_t offset);
+void uniform_portable(const at::Tensor& x, int64_t seed, int64_t offset);
 
 }  // namespace relora

@@ -1,0 +1,205 @@
+"""SST, Sparse Spectral Training (Zhao et al., arXiv 2405.15481): :class:`SSTLinear` and its periodic work.
+
+A layer keeps its weight as a singular value decomposition, ``W = U diag(Σ) Vᵀ`` with ``U (out, m)``,
+``Σ (m,)``, ``V (in, m)``, ``m = min(out, in)``, initialised from the SVD of the layer's weight::
+
+    y = x V diag(Σ) Uᵀ + b
+
+Every step trains all of ``Σ`` (kept non-negative) and ``r`` sampled directions: the active columns
+``U[:, S]`` and ``V[:, S]`` live in the Parameters ``U_active (out, r)`` and ``V_active (in, r)``, the only
+columns with optimizer state. They take the *enhanced gradient* ``∂L/∂W · Vᵢ`` and ``(∂L/∂W)ᵀ Uᵢ``,
+without the ``Σᵢ`` factor of the true gradient (which would starve small singular values), and after every
+optimizer step they are renormalised to unit length, their norms moved into ``Σ`` (the function is
+unchanged). Each *iteration* (``reset_every`` steps, run by :class:`~relora_ext.optim.ReLoRAOptimizer`
+through :mod:`relora_ext.cycle`) writes the active columns back, samples a new set without replacement
+with ``p(i) = ½(1/m + Σᵢ/ΣΣ)`` from the counter-based Philox stream (the same on every rank), swaps it in
+and clears its optimizer state; each *round* (``⌈m / r⌉`` iterations) first restores orthogonality by a
+re-SVD of ``U diag(Σ) Vᵀ`` through :func:`torch.linalg.svd`. The first iteration trains the ``r`` largest
+directions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from ._checks import check_rank
+
+__all__ = ["SSTLinear", "sample_directions", "sample_offset"]
+
+_STREAM_SST = (1 << 62) | (1 << 61)  # beside the reset draws (< 2⁶²) and the prune masks (2⁶² + ...)
+
+
+def sample_offset(layer_index: int, iteration: int) -> int:
+    """Philox offset of the direction sample of layer ``ℓ`` at iteration ``c``: ``2⁶² + 2⁶¹ + ℓ · 2³² + c``."""
+    return _STREAM_SST + (layer_index << 32) + iteration
+
+
+@torch.no_grad()
+def sample_directions(sigma: torch.Tensor, r: int, *, seed: int, offset: int) -> torch.Tensor:
+    """``r`` of the ``m`` directions, without replacement, with ``p(i) = ½(1/m + Σᵢ/ΣΣ)``; sorted indices.
+
+    Weighted sampling without replacement by exponential races (Efraimidis and Spirakis): direction ``i``
+    gets the key ``log(uᵢ) / p(i)`` with ``uᵢ`` the ``i``-th Philox uniform of ``(seed, offset)``, and the ``r``
+    largest keys win. The draw depends only on ``Σ`` and ``(seed, offset)``: every rank holding the same ``Σ``
+    samples the same set. Example: ``sample_directions(layer.sigma, 8, seed=0, offset=sample_offset(0, 1))``.
+    """
+    m = sigma.numel()
+    s = sigma.detach().double().clamp(min=0)
+    total = float(s.sum())
+    p = 0.5 / m + (0.5 * s / total if total > 0 else 0.5 / m)
+    u = torch.empty(m, dtype=torch.float32, device=sigma.device)
+    ops.uniform_(u, seed=seed, offset=offset)
+    keys = u.double().log() / p
+    return torch.topk(keys, r).indices.sort().values
+
+
+class SSTLinear(nn.Module):
+    r"""A drop-in :class:`torch.nn.Linear` trained by Sparse Spectral Training (see the module docstring).
+
+    Shapes: input ``(*, in_features)``, output ``(*, out_features)``. Parameters: ``sigma (m,)``,
+    ``U_active (out, r)``, ``V_active (in, r)``, ``bias (out,)`` (adopted from the linear layer); buffers:
+    ``U (out, m)`` and ``V (in, m)`` (the frozen directions; the active columns hold zeros there) and
+    ``active (r,)`` (the indices ``S``). Trainable share: ``(r (out + in) + m) / (out · in)``.
+
+    Build it with :meth:`from_linear` (or :func:`relora_ext.wrap` with ``method="sst"``); :meth:`to_linear`
+    gives an ``nn.Linear`` with ``W = U diag(Σ) Vᵀ``.
+
+    Example::
+
+        >>> layer = SSTLinear.from_linear(torch.nn.Linear(64, 32), r=8)
+        >>> y = layer(torch.randn(5, 64))
+        >>> layer.weight_sst().shape
+        torch.Size([32, 64])
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 r: int) -> None:
+        super().__init__()
+        self._adopt(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype), r, "SSTLinear")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, r: int) -> "SSTLinear":
+        """The SST layer of ``linear``: the SVD of its weight (computed in float64), its bias Parameter."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SSTLinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._adopt(linear, r, "SSTLinear.from_linear")
+        return self
+
+    @torch.no_grad()
+    def _adopt(self, linear: nn.Linear, r: int, where: str) -> None:
+        W = linear.weight.detach()
+        self.out_features, self.in_features = (int(n) for n in W.shape)
+        self.m = min(self.in_features, self.out_features)
+        self.r = check_rank(where, r, self.in_features, self.out_features)
+        U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        factory = {"device": W.device, "dtype": W.dtype}
+        self.register_buffer("U", U.to(**factory))
+        self.register_buffer("V", Vh.t().to(**factory).contiguous())
+        self.register_buffer("active", torch.arange(self.r, device=W.device))
+        self.sigma = nn.Parameter(S.to(**factory))
+        self.U_active = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
+        self.V_active = nn.Parameter(torch.empty(self.in_features, self.r, **factory))
+        self.bias = linear.bias
+        self._activate(self.active)
+
+    # -- forward ---------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = (self.U * self.sigma) @ self.V.t()  # the frozen directions (the active columns of U, V are 0)
+        y = F.linear(x, W, self.bias)
+        # The active directions. `grads` carries the enhanced gradient to U_active and V_active (no Σ factor)
+        # and is 0 in value; `value` carries the value and the true gradient to x and Σ[S].
+        s = self.sigma[self.active]
+        grads = F.linear(F.linear(x.detach(), self.V_active.t()), self.U_active)
+        value = F.linear(F.linear(x, self.V_active.detach().t()) * s, self.U_active.detach())
+        return y + (grads - grads.detach()) + value
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return s + f", r={self.r}, m={self.m}"
+
+    # -- the weight ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def weight_sst(self) -> torch.Tensor:
+        """The weight the layer computes with, ``U diag(Σ) Vᵀ`` ``(out, in)``, active columns included."""
+        U, V = self.U.clone(), self.V.clone()
+        U[:, self.active] = self.U_active
+        V[:, self.active] = self.V_active
+        return (U * self.sigma) @ V.t()
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """An :class:`torch.nn.Linear` holding ``W = U diag(Σ) Vᵀ`` (and this layer's bias Parameter)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=False, device=self.sigma.device,
+                        dtype=self.sigma.dtype)
+        lin.weight.copy_(self.weight_sst())
+        lin.bias = self.bias
+        lin.train(self.training)
+        return lin
+
+    # -- the periodic work (called by relora_ext.cycle) --------------------------------------------------
+
+    @torch.no_grad()
+    def _activate(self, S: torch.Tensor) -> None:
+        """Move the columns ``S`` of ``U`` and ``V`` into the active Parameters (zeros left behind)."""
+        self.U_active.copy_(self.U[:, S])
+        self.V_active.copy_(self.V[:, S])
+        self.U[:, S] = 0
+        self.V[:, S] = 0
+        self.active.copy_(S)
+
+    @torch.no_grad()
+    def _write_back(self) -> None:
+        self.U[:, self.active] = self.U_active
+        self.V[:, self.active] = self.V_active
+
+    @torch.no_grad()
+    def renormalize_(self) -> None:
+        """Unit-length active columns, their norms moved into ``Σ``; ``Σ ≥ 0`` (the function is unchanged)."""
+        nu = torch.linalg.vector_norm(self.U_active, dim=0)
+        nv = torch.linalg.vector_norm(self.V_active, dim=0)
+        ok = (nu > 0) & (nv > 0)
+        self.U_active.div_(torch.where(ok, nu, 1))
+        self.V_active.div_(torch.where(ok, nv, 1))
+        self.sigma[self.active] *= torch.where(ok, nu * nv, 1)
+        self.sigma.clamp_(min=0)
+
+    @torch.no_grad()
+    def resvd_(self) -> None:
+        """Restore orthogonality: ``U, Σ, Vᵀ ← SVD(U diag(Σ) Vᵀ)`` (float64), then activate the top ``r``."""
+        U, S, Vh = torch.linalg.svd(self.weight_sst().double(), full_matrices=False)
+        self.U.copy_(U)
+        self.V.copy_(Vh.t())
+        self.sigma.copy_(S)
+        self.active.copy_(torch.arange(self.r, device=self.active.device))
+        self._activate(self.active)
+
+    @torch.no_grad()
+    def resample_(self, *, seed: int, offset: int) -> None:
+        """Write the active columns back and activate a new sample (see :func:`sample_directions`)."""
+        self._write_back()
+        self._activate(sample_directions(self.sigma, self.r, seed=seed, offset=offset))
+
+    @property
+    def rounds_every(self) -> int:
+        """Iterations per round: ``⌈m / r⌉``."""
+        return math.ceil(self.m / self.r)
+
+    def check(self) -> Optional[str]:
+        """Why an iteration would be refused (``None`` if it would not)."""
+        for name in ("sigma", "U_active", "V_active"):
+            t = getattr(self, name)
+            if t.device.type == "meta":
+                return "its tensors are on the meta device"
+            if not bool(torch.isfinite(t).all()):
+                return f"{name} holds non-finite values (NaN/Inf)"
+        return None

@@ -1,0 +1,188 @@
+"""SST (Sparse Spectral Training): SSTLinear, the enhanced gradient, sampling, the iteration and round work in
+the cycle machinery, checkpoints, all-or-nothing refusals."""
+
+import pytest
+import torch
+from torch import nn
+
+import relora_ext
+from relora_ext import CycleRefused, ReLoRAOptimizer, SSTLinear, load_checkpoint, ops, save_checkpoint, unwrap, wrap
+from relora_ext.sst import sample_directions, sample_offset
+
+
+def layer_of(out=12, inp=20, r=3, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(inp, out, dtype=dtype)
+    return lin, SSTLinear.from_linear(lin, r=r)
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12), (16, 16), (7, 5)])
+def test_from_linear_computes_the_linear_layer(shape):
+    out, inp = shape
+    lin, sst = layer_of(out, inp, r=2)
+    x = torch.randn(3, 4, inp)
+    torch.testing.assert_close(sst(x), lin(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sst.weight_sst(), lin.weight.detach(), rtol=1e-5, atol=1e-6)
+    assert sst.sigma.shape == (min(shape),) and sst.U_active.shape == (out, 2) and sst.V_active.shape == (inp, 2)
+    assert bool((sst.U[:, sst.active] == 0).all())      # the active columns live in the Parameters only
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_function_unchanged_by_renormalize_resample_and_resvd(dtype, tol):
+    _, sst = layer_of(dtype=dtype)
+    with torch.no_grad():   # move away from the SVD: unnormalised, non-orthogonal active columns
+        sst.U_active.mul_(1.7).add_(0.05)
+        sst.V_active.mul_(0.6)
+    x = torch.randn(6, 20, dtype=dtype)
+    y = sst(x).float()
+    for op in (sst.renormalize_, lambda: sst.resample_(seed=3, offset=sample_offset(0, 1)), sst.resvd_):
+        op()
+        torch.testing.assert_close(sst(x).float(), y, rtol=tol, atol=tol)
+    assert bool((sst.sigma >= 0).all())
+
+
+def test_enhanced_gradient_float64():
+    """U_active[:, i] gets ∂L/∂W · V_i and V_active[:, i] gets (∂L/∂W)ᵀ U_i (no Σ_i); x and Σ the true gradients."""
+    _, sst = layer_of(out=9, inp=11, r=4, dtype=torch.float64)
+    x = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    R = torch.randn(5, 9, dtype=torch.float64)
+    (sst(x) * R).sum().backward()
+    W = sst.weight_sst()
+    dW = R.t() @ x.detach()                              # ∂L/∂W for y = x Wᵀ
+    U, V = sst.U.clone(), sst.V.clone()
+    U[:, sst.active], V[:, sst.active] = sst.U_active.detach(), sst.V_active.detach()
+    torch.testing.assert_close(sst.U_active.grad, dW @ sst.V_active.detach())
+    torch.testing.assert_close(sst.V_active.grad, dW.t() @ sst.U_active.detach())
+    torch.testing.assert_close(sst.sigma.grad, torch.diagonal(U.t() @ dW @ V))
+    torch.testing.assert_close(x.grad, R @ W)
+
+
+def test_gradcheck_and_gradgradcheck_for_x_and_sigma():
+    _, sst = layer_of(out=5, inp=6, r=2, dtype=torch.float64)
+    U_a, V_a = sst.U_active.detach(), sst.V_active.detach()
+
+    def f(x, sigma):  # the layer's function of x and Σ (U, V and the active columns fixed)
+        W = (sst.U * sigma) @ sst.V.t()
+        return x @ W.t() + ((x @ V_a) * sigma[sst.active]) @ U_a.t()
+
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    sigma = sst.sigma.detach().clone().requires_grad_()
+    # the layer's forward with these inputs equals f
+    with torch.no_grad():
+        sst.sigma.copy_(sigma)
+    torch.testing.assert_close(sst(x) - (sst.bias if sst.bias is not None else 0), f(x, sigma))
+    assert torch.autograd.gradcheck(f, (x, sigma))
+    assert torch.autograd.gradgradcheck(f, (x, sigma))
+
+
+def test_sampling_is_without_replacement_deterministic_and_follows_p():
+    sigma = torch.tensor([8.0, 4.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    S = sample_directions(sigma, 3, seed=1, offset=5)
+    assert S.tolist() == sorted(set(S.tolist())) and len(S) == 3
+    assert torch.equal(S, sample_directions(sigma, 3, seed=1, offset=5))
+    counts = torch.zeros(8)
+    n = 4000
+    for off in range(n):
+        counts[sample_directions(sigma, 1, seed=2, offset=off)] += 1
+    p = 0.5 / 8 + 0.5 * sigma / sigma.sum()
+    assert torch.allclose(counts / n, p, atol=0.02)      # r = 1: exactly the categorical p
+
+
+def test_uniform_stream_is_the_kernels_philox_stream():
+    u = torch.empty(1000)
+    ops.uniform_(u, seed=9, offset=4)
+    assert bool(((u > 0) & (u <= 1)).all())
+    kept = torch.ones(1000)
+    ops.prune_(kept, 0.5, mode="random", seed=9, offset=4)  # keeps entry e iff word e < 2³¹ iff u_e <= 1/2
+    assert torch.equal(kept.bool(), u <= 0.5)
+
+
+def sst_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 16))
+    return wrap(model, r=3, method="sst", target_modules=["0", "2"])
+
+
+def train(model, opt, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(8, 16, generator=g)
+        loss = (model(x) - x.flip(1)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_training_iterations_rounds_state_and_sigma():
+    model = sst_model()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=5e-2), model, reset_every=2)
+    layer = model[0]
+    actives = []
+    for step in range(12):
+        train(model, opt, 1, seed=step)
+        assert bool((layer.sigma >= 0).all())
+        actives.append(layer.active.tolist())
+        # only Σ, the active columns (and the biases, trained as in ReLoRA*) carry optimizer state
+        assert {id(p) for p in opt.state} == {id(p) for l in (model[0], model[2])
+                                              for p in (l.sigma, l.U_active, l.V_active, l.bias)}
+        if (step + 1) % 2 == 0:   # an iteration just ended: the new active columns start without history
+            for p in (layer.U_active, layer.V_active):
+                assert all(float(v.abs().max()) == 0 for k, v in opt.state[p].items() if k != "step")
+    assert opt.cycles_done == 6 and len({tuple(a) for a in actives}) > 1
+    # unit-length active columns after every step
+    torch.testing.assert_close(torch.linalg.vector_norm(layer.U_active, dim=0), torch.ones(3))
+
+
+def test_checkpoint_resume_is_bit_identical(tmp_path):
+    model = sst_model()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-2), model, reset_every=3)
+    full = train(model, opt, 10)
+    model = sst_model()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-2), model, reset_every=3)
+    first = train(model, opt, 5)
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
+    model2 = sst_model(seed=7)
+    opt2 = ReLoRAOptimizer(torch.optim.AdamW(model2.parameters(), lr=2e-2), model2, reset_every=3)
+    load_checkpoint(tmp_path / "c.pt", model=model2, optimizer=opt2)
+    g_rest = train(model2, opt2, 5, seed=1)
+    # the data stream restarts at seed 1: compare against an uninterrupted run of the same batches
+    model = sst_model()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-2), model, reset_every=3)
+    train(model, opt, 5)
+    assert train(model, opt, 5, seed=1) == g_rest
+    assert first == full[:5]
+
+
+def test_refused_iteration_changes_nothing():
+    model = sst_model()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-2), model, reset_every=100)
+    train(model, opt, 2)
+    with torch.no_grad():
+        model[2].V_active[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CycleRefused, match="layer '2'.*V_active holds non-finite"):
+        opt.restart()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.nan_to_num(), before[k].nan_to_num()), k
+    assert opt.cycles_done == 0
+
+
+def test_unwrap_gives_linear_layers_computing_the_same():
+    model = sst_model()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-2), model, reset_every=2)
+    train(model, opt, 5)
+    x = torch.randn(4, 16)
+    y = model(x)
+    unwrap(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_wrap_sst_refuses_lora_settings():
+    with pytest.raises(ValueError, match="method='sst'.*do not apply"):
+        wrap(nn.Sequential(nn.Linear(4, 4)), r=2, method="sst", lora_alpha=4)
+    with pytest.raises(ValueError, match="method must be"):
+        relora_ext.ReLoRAConfig(method="galore")
