@@ -118,7 +118,7 @@ def effective_rank(x: torch.Tensor, *, method: str = "entropy", rtol: float = 1e
 class UpdateTracker:
     """Keeps ``W₀`` of a model's layers to measure the accumulated updates ``W − W₀`` later.
 
-    By default it tracks every :class:`~relora_ext.LoRALinear` of ``model`` (after
+    By default it tracks every :class:`~relora_ext.LoRALinear` and :class:`~relora_ext.SSTLinear` of ``model`` (after
     :func:`relora_ext.wrap`); pass ``layers`` (an iterable of ``(name, module)``) to track others, e.g. the
     :class:`torch.nn.Linear` layers of a model trained full-rank. Memory: one fp32 copy of each tracked
     weight, on its device.
@@ -134,7 +134,9 @@ class UpdateTracker:
     def __init__(self, model: Optional[nn.Module] = None, *, layers: Optional[Iterable[Tuple[str, nn.Module]]] = None):
         if (model is None) == (layers is None):
             raise ValueError("UpdateTracker: pass exactly one of model (tracks its LoRALinear layers) or layers")
-        pairs = list(lora_layers(model)) if model is not None else list(layers)
+        from .cycle import cycled_layers
+
+        pairs = list(cycled_layers(model)) if model is not None else list(layers)
         if not pairs:
             raise ValueError(
                 "UpdateTracker: no layer to track (the model has no LoRALinear; wrap it first or pass layers=...)"

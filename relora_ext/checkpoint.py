@@ -251,16 +251,23 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def adapter_settings(model: torch.nn.Module) -> Dict[str, Dict[str, Any]]:
-    """``{layer name: {"r", "alpha", "init_std", "in_features", "out_features"}}`` for every LoRALinear.
+    """``{layer name: settings}`` for every adapted layer: ``r``, ``alpha``, ``init_std``, ``in_features``,
+    ``out_features`` of a LoRALinear; ``method: "sst"``, ``r`` and the features of an SSTLinear.
 
     Saved in every checkpoint and compared on load: the same weights under another ``alpha`` compute
     another function. Example: ``adapter_settings(model)["0"]["alpha"]``.
     """
-    from .lora import lora_layers
+    from .cycle import cycled_layers
+    from .sst import SSTLinear
 
-    return {name: {"r": layer.r, "alpha": layer.alpha, "init_std": layer.init_std,
-                   "in_features": layer.in_features, "out_features": layer.out_features}
-            for name, layer in lora_layers(model)}
+    out = {}
+    for name, layer in cycled_layers(model):
+        common = {"r": layer.r, "in_features": layer.in_features, "out_features": layer.out_features}
+        if isinstance(layer, SSTLinear):
+            out[name] = {**common, "method": "sst"}
+        else:
+            out[name] = {**common, "alpha": layer.alpha, "init_std": layer.init_std}
+    return out
 
 
 def _check_model_state(model: torch.nn.Module, saved: Dict[str, Any], strict: bool, where: str) -> None:

@@ -196,8 +196,12 @@ class SSTLinear(nn.Module):
 
     def check(self) -> Optional[str]:
         """Why an iteration would be refused (``None`` if it would not)."""
+        from .distributed import is_dtensor
+
         for name in ("sigma", "U_active", "V_active"):
             t = getattr(self, name)
+            if is_dtensor(t):
+                return "SST layers under FSDP2 (DTensor parameters) are not supported yet; use DDP"
             if t.device.type == "meta":
                 return "its tensors are on the meta device"
             if not bool(torch.isfinite(t).all()):

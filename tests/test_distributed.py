@@ -414,3 +414,32 @@ def test_fsdp2_refused_cycle_is_refused_on_every_rank_and_collectives_stay_on_th
         assert rep["seen"], "the cycle ran no recorded collective"
         wrong = [(fn, d) for fn, d in rep["seen"] if d != rep["param_device"]]
         assert not wrong, f"collectives on another device than the parameters ({rep['param_device']}): {wrong}"
+
+
+# ------------------------------------------------------------------------------------------------
+# SST under DDP: every rank samples the same directions without communicating them
+
+
+def _sst_ddp_worker(rank, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = build_model(method="sst")
+    ddp = DDP(model)
+    opt = make_opt(ddp, reset_every=2)
+    for ids in global_batches(7):
+        lm_loss(ddp, _local_batch(ids, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"state": state, "cycles": opt.cycles_done}, os.path.join(out_dir, f"sst{rank}.pt"))
+
+
+def test_sst_under_ddp_ranks_stay_identical(tmp_path):
+    spawn(_sst_ddp_worker, str(tmp_path))
+    reps = [torch.load(tmp_path / f"sst{rank}.pt") for rank in range(WORLD)]
+    assert reps[0]["cycles"] == 3
+    actives = [k for k in reps[0]["state"] if k.endswith(".active")]
+    assert actives and any(not torch.equal(reps[0]["state"][k], torch.arange(4)) for k in actives)  # resampled
+    for k, v in reps[0]["state"].items():
+        assert torch.equal(_bits(v) if v.is_floating_point() else v,
+                           _bits(reps[1]["state"][k]) if v.is_floating_point() else reps[1]["state"][k]), k
