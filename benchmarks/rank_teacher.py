@@ -12,9 +12,11 @@ and so are the floors:
 - **LoRA at rank r** can at best add the best rank-``r`` approximation of ``T − W₀`` (Eckart–Young), so
   ``L ≥ Σ_{i>r} σᵢ(T − W₀)² / d + σ²``;
 - **ReLoRA\\*** at rank ``r`` merges a rank-``r`` update every cycle and can reach rank ``k·r`` after ``k``
-  cycles: it can break through LoRA's floor towards full rank's.
+  cycles: it can break through LoRA's floor towards full rank's;
+- **SST** (Sparse Spectral Training) trains every singular value and ``r`` sampled singular vector pairs
+  at a time (a new sample every cycle), so it is not bound to rank ``r`` either.
 
-Every method gets the same LR sweep (AdamW, the same jagged-cosine schedule, re-warmups only for ReLoRA*),
+Every method gets the same LR sweep (AdamW, the same jagged-cosine schedule, re-warmups only for ReLoRA* and SST),
 the best LR on seed 0 is rerun on every seed, and the loss and the spectrum / effective rank of
 ``W − W₀`` are recorded over training. Writes a JSON summary, a PNG plot and a section of
 ``benchmarks/RESULTS.md``.
@@ -37,11 +39,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import relora_ext  # noqa: E402
-from relora_ext.analysis import UpdateTracker, effective_rank, optimizer_state_bytes  # noqa: E402
+from relora_ext.analysis import UpdateTracker, _effective_weight, effective_rank, optimizer_state_bytes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("full", "lora", "relora")
-LABELS = {"full": "full-rank", "lora": "LoRA (no resets)", "relora": "ReLoRA*"}
+METHODS = ("full", "lora", "relora", "sst")
+LABELS = {"full": "full-rank", "lora": "LoRA (no resets)", "relora": "ReLoRA*", "sst": "SST"}
 
 
 def make_problem(dim: int, seed: int):
@@ -77,10 +79,10 @@ def train_one(method: str, lr: float, seed: int, args, *, record: bool = False) 
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         cycle = args.steps + 1
     else:
-        relora_ext.wrap(model, r=args.rank, target_modules=["0"])
+        relora_ext.wrap(model, r=args.rank, target_modules=["0"], method="sst" if method == "sst" else "relora")
         tracker = UpdateTracker(model)
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-        cycle = args.reset_every if method == "relora" else args.steps + 1
+        cycle = args.reset_every if method in ("relora", "sst") else args.steps + 1
         opt = relora_ext.ReLoRAOptimizer(inner, model, reset_every=cycle, seed=seed)
     sched = relora_ext.JaggedCosineLR(opt, total_steps=args.steps, warmup_steps=args.warmup,
                                       cycle_length=max(cycle, args.warmup),
@@ -90,8 +92,7 @@ def train_one(method: str, lr: float, seed: int, args, *, record: bool = False) 
     student = model[0]
 
     def w_eff():
-        return tracker.layers["0"].weight.detach() + (
-            student.scaling * student.lora_B.detach() @ student.lora_A.detach() if method != "full" else 0.0)
+        return _effective_weight(student)
 
     curve, ranks, snapshots = [], [], {}
     diverged = False
@@ -101,7 +102,7 @@ def train_one(method: str, lr: float, seed: int, args, *, record: bool = False) 
             s = tracker.spectra()["0"]
             curve.append((step, population_loss(w_eff(), teacher, args.noise)))
             ranks.append((step, effective_rank(s), effective_rank(s, method="threshold", rtol=args.rtol)))
-        if record and method == "relora" and step > 0 and step % args.reset_every == 0:
+        if record and method in ("relora", "sst") and step > 0 and step % args.reset_every == 0:
             snapshots[step // args.reset_every] = tracker.spectra()["0"].tolist()
         if step == args.steps:
             break
@@ -216,7 +217,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cfg = summary["config"]
-    colors = {"full": "black", "lora": "tab:blue", "relora": "tab:red"}
+    colors = {"full": "black", "lora": "tab:blue", "relora": "tab:red", "sst": "tab:green"}
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
     for m in METHODS:
         for i, r in enumerate(summary["runs"][m]):
@@ -269,10 +270,10 @@ def results_markdown(summary: dict, plot_path: Path) -> str:
     fl = sum(summary["lora_floor"]) / len(summary["lora_floor"])
     rel = plot_path.resolve().relative_to(HERE) if plot_path.resolve().is_relative_to(HERE) else plot_path
     lines = [
-        "## Rank teacher: LoRA's floor, ReLoRA* breaking through it",
+        "## Rank teacher: LoRA's floor, ReLoRA* and SST breaking through it",
         "",
         f"Student `W (d, d)` learns `y = T x + ε`, d = {cfg['dim']}, r = {cfg['rank']}, σ = {cfg['noise']}, "
-        f"{cfg['steps']} AdamW steps of batch {cfg['batch_size']}, ReLoRA* cycle {cfg['reset_every']} steps "
+        f"{cfg['steps']} AdamW steps of batch {cfg['batch_size']}, ReLoRA* cycle / SST iteration {cfg['reset_every']} steps "
         f"(restart warmup {cfg['restart_warmup']}), jagged cosine LR (floor {cfg['min_lr_ratio']}). LR picked per "
         f"method from {cfg['lrs']} on seed {cfg['seeds'][0]}; the table is the mean over seeds {cfg['seeds']} of the "
         "exact population loss `‖W−T‖²/d + σ²` at the end.",
