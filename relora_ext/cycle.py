@@ -156,6 +156,36 @@ class LocalLayer:
     def guard_group(t: torch.Tensor):
         return None
 
+    @classmethod
+    def check(cls, plan) -> Optional[str]:
+        """Why this layer's part of the cycle would be refused (``None`` if it would not); checks only."""
+        return check_layer(plan.name, plan.layer, cls) or _check_state(plan)
+
+    @classmethod
+    def run(cls, plan, settings: CycleSettings, cycle: int, state, guard_counts: Dict[int, Any]):
+        """Merge, reset, prune, guard; returns ``(state entries kept, considered, full new A or None)``.
+        Entries the guard zeroes on shards are left in ``guard_counts`` (summed over the shard group later)."""
+        off = reset_offset(plan.index, cycle)
+        full_A = cls.merge_and_reset(plan.layer, seed=settings.seed, offset=off, rounding=settings.rounding,
+                                     merge_seed=merge_seed(settings, off))
+        kept = total = 0
+        for j, (_, _, t) in enumerate(plan.states):
+            kept += int(cls.prune(t, settings, prune_offset(plan.index, j, cycle)))
+            total += t.numel()
+        if settings.prune_guard and settings.prune != "reset":
+            for p in (plan.layer.lora_A, plan.layer.lora_B):
+                st = state.get(p)
+                if not st:
+                    continue
+                zeroed = _guard_first_moment({k: cls.local(v) if isinstance(v, torch.Tensor) else v
+                                              for k, v in st.items()})
+                g = cls.guard_group(st.get("exp_avg"))
+                if g is None:
+                    kept -= zeroed
+                else:
+                    guard_counts.setdefault(id(g), (g, []))[1].append(zeroed)
+        return kept, total, full_A
+
 
 class ShardedLayer(LocalLayer):
     """A layer whose parameters are FSDP2 DTensors: rows merged per shard, state pruned with global rules."""
@@ -215,7 +245,8 @@ class SSTLayer:
         return plan.layer.check() or _check_state(plan)
 
     @staticmethod
-    def run(plan, settings: CycleSettings, cycle: int, state) -> int:
+    def run(plan, settings: CycleSettings, cycle: int, state, guard_counts: Dict[int, Any]):
+        """Re-SVD at a round's end, resample and swap in, clear the new columns' state; ``(0, cleared, None)``."""
         from .sst import sample_offset
 
         layer = plan.layer
@@ -226,7 +257,7 @@ class SSTLayer:
         layer.resample_(seed=settings.seed, offset=sample_offset(plan.index, cycle))
         for _, _, t in plan.states:  # the new active columns start without history
             t.zero_()
-        return sum(t.numel() for _, _, t in plan.states)
+        return 0, sum(t.numel() for _, _, t in plan.states), None
 
 
 def cycled_layers(model) -> List[Tuple[str, Any]]:
@@ -370,15 +401,14 @@ class CycleResult:
 @torch.no_grad()
 def run_cycle(layers: Sequence[Tuple[str, Any]], backends: Sequence[Any], state, settings: CycleSettings,
               cycle: int, *, group=None, distributed: bool = False) -> CycleResult:
-    """Run cycle ``cycle`` on ``layers`` (``(name, LoRALinear)`` pairs, layer index = position), all or
-    nothing. ``state`` is the optimizer's ``state`` mapping; ``backends`` the backend of each layer.
+    """Run cycle ``cycle`` on ``layers`` (``(name, layer)`` pairs, layer index = position), all or nothing.
+    ``state`` is the optimizer's ``state`` mapping; ``backends`` the backend of each layer (:func:`backend_for`).
 
     Raises :class:`CycleRefused` (nothing changed, on every rank) if any layer or state tensor would be
     refused. Example: ``run_cycle(lora_layers(model), [LocalLayer] * n, opt.state, CycleSettings(100), 0)``.
     """
     plans = _plan(layers, backends, state)
-    problems = [p.backend.check(p) if p.backend is SSTLayer else check_layer(p.name, p.layer, p.backend) or
-                _check_state(p) for p in plans]
+    problems = [plan.backend.check(plan) for plan in plans]
     refused = [p is not None for p in problems]
     if distributed:
         refused = _vote(problems, _collective_device(plans), group)
@@ -392,28 +422,9 @@ def run_cycle(layers: Sequence[Tuple[str, Any]], backends: Sequence[Any], state,
     full_A: List[Optional[torch.Tensor]] = []
     guard_counts: Dict[int, Tuple[Any, List[int]]] = {}
     for plan in plans:
-        if plan.backend is SSTLayer:
-            total += SSTLayer.run(plan, settings, cycle, state)
-            full_A.append(None)
-            continue
-        off = reset_offset(plan.index, cycle)
-        full_A.append(plan.backend.merge_and_reset(plan.layer, seed=settings.seed, offset=off,
-                                                   rounding=settings.rounding, merge_seed=merge_seed(settings, off)))
-        for j, (_, _, t) in enumerate(plan.states):
-            kept += int(plan.backend.prune(t, settings, prune_offset(plan.index, j, cycle)))
-            total += t.numel()
-        if settings.prune_guard and settings.prune != "reset":
-            for p in (plan.layer.lora_A, plan.layer.lora_B):
-                st = state.get(p)
-                if not st:
-                    continue
-                zeroed = _guard_first_moment({k: plan.backend.local(v) if isinstance(v, torch.Tensor) else v
-                                              for k, v in st.items()})
-                g = plan.backend.guard_group(st.get("exp_avg"))
-                if g is None:
-                    kept -= zeroed
-                else:
-                    guard_counts.setdefault(id(g), (g, []))[1].append(zeroed)
+        k, t, a = plan.backend.run(plan, settings, cycle, state, guard_counts)
+        kept, total = kept + k, total + t
+        full_A.append(a)
     if guard_counts:  # entries zeroed by the guard on shards: sum over each shard group
         import torch.distributed as dist
 
