@@ -1,5 +1,7 @@
-// relora::lora_linear, Autograd: the derivative as a C++ autograd Function (no Python on the hot
-// path). With G = ∂L/∂y (N, out), xd the adapter's input (x_dropped, or x) and h = xd Aᵀ (N, r):
+// relora::lora_linear, Autograd: the derivative as a C++ autograd node (no Python on the hot path;
+// a plain Node like the ones PyTorch generates for its own ops, which costs less per call than a
+// torch::autograd::Function). With G = ∂L/∂y (N, out), xd the adapter's input (x_dropped, or x)
+// and h = xd Aᵀ (N, r):
 //
 //   ∂x  = G W            (+ s (G B) A when the adapter reads x itself)
 //   ∂xd = s (G B) A      (when x_dropped is given; the dropout's own backward applies its mask)
@@ -10,6 +12,9 @@
 // Under create_graph=True (grad mode on inside backward) the backward is written with out-of-place
 // ops and recomputes h from xd and A, so it is itself differentiable (double backward).
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include "ops/lora_linear.h"
@@ -17,72 +22,64 @@
 namespace relora {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// Up to this rank ∂B is computed as (s hᵀ G)ᵀ: CPU GEMMs (MKL/oneDNN, fp32 and bf16) with a
-// (N, out)ᵀ·(N, r) shape run several times slower than the (r, N)·(N, out) one at r = 8; from r ≈ 32
-// on the two are alike (benchmarks/bench_lora_layer.py).
+// ∂B = s Gᵀ h is computed as (s hᵀ G)ᵀ when r is at most this and N at least kSmallRankMinRows:
+// CPU GEMMs (MKL/oneDNN) with a (N, out)ᵀ·(N, r) shape run several times slower than the
+// (r, N)·(N, out) one at r = 8 and N >= 64 in float32 (256 in bfloat16); below that the transposing
+// copy costs more than it saves (benchmarks/bench_lora_layer.py).
 constexpr int64_t kSmallRank = 16;
 
-class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& A,
-                            const at::Tensor& B, double scaling,
-                            const std::optional<at::Tensor>& x_dropped) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    check_lora_linear_args(x, weight, bias, A, B, x_dropped);
-    const bool dropped = present(x_dropped);
-    std::optional<at::Tensor> xd2;
-    if (dropped) xd2 = rows(*x_dropped);
-    auto [y, h] = lora_linear_2d(rows(x), weight, bias, A, B, scaling, xd2);
+bool transposed_dB(int64_t r, int64_t n, at::ScalarType dt) {
+  const int64_t min_rows = (dt == at::kFloat || dt == at::kDouble) ? 64 : 256;
+  return r <= kSmallRank && n >= min_rows;
+}
 
-    // Which inputs are autograd edges (undefined optionals are not), to read needs_input_grad.
-    const bool has_bias = present(bias);
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["dropped"] = dropped;
-    ctx->saved_data["x_shape"] = x.sizes().vec();
-    const bool keep_x = !dropped || weight.requires_grad();
-    ctx->save_for_backward({keep_x ? x : at::Tensor(), weight, A, B, h,
-                            dropped ? *x_dropped : at::Tensor()});
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = weight.size(0);
-    return y.view(shape);
+// Edges, in the order of the schema's tensor arguments.
+enum Edge : size_t { kX = 0, kW, kBias, kA, kB, kXd, kEdges };
+
+struct LoRALinearBackward : public torch::autograd::Node {
+  SavedVariable x_, weight_, A_, B_, h_, xd_;
+  double scaling = 1.0;
+  bool dropped = false;
+  std::vector<int64_t> x_shape;
+
+  std::string name() const override { return "LoRALinearBackward"; }
+
+  void release_variables() override {
+    x_.reset_data();
+    weight_.reset_data();
+    A_.reset_data();
+    B_.reset_data();
+    h_.reset_data();
+    xd_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &A = saved[2], &B = saved[3];
-    const at::Tensor &h = saved[4], &xd = saved[5];
-    const double s = ctx->saved_data["scaling"].toDouble();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool dropped = ctx->saved_data["dropped"].toBool();
-    const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(kEdges);
+    if (!grads[0].defined()) return out;
+    const at::Tensor x = x_.unpack(), weight = weight_.unpack(), A = A_.unpack(), B = B_.unpack();
+    const at::Tensor h = h_.unpack(), xd = xd_.unpack();
+    const double s = scaling;
+    const bool need_x = should_compute_output(kX), need_w = should_compute_output(kW);
+    const bool need_b = should_compute_output(kBias), need_A = should_compute_output(kA);
+    const bool need_B = should_compute_output(kB), need_xd = should_compute_output(kXd);
 
-    // edges: x, weight, [bias], A, B, [x_dropped]
-    size_t e = 0;
-    const bool need_x = ctx->needs_input_grad(e++);
-    const bool need_w = ctx->needs_input_grad(e++);
-    const bool need_b = has_bias && ctx->needs_input_grad(e++);
-    const bool need_A = ctx->needs_input_grad(e++);
-    const bool need_B = ctx->needs_input_grad(e++);
-    const bool need_xd = dropped && ctx->needs_input_grad(e++);
-
-    const at::Tensor g = grads[0].reshape({-1, weight.size(0)});
-    const at::Tensor x2 = x.defined() ? rows(x) : at::Tensor();
-    const at::Tensor xa = dropped ? rows(xd) : x2;  // the adapter's input, (N, in)
-    at::Tensor gx, gw, gb, gA, gB, gxd;
-    const bool adapter_dx = dropped ? need_xd : need_x;  // does the adapter path need (G B) A?
+    const bool flat = x_shape.size() == 2;
+    const at::Tensor g = flat ? grads[0] : grads[0].reshape({-1, weight.size(0)});
+    const at::Tensor x2 = !x.defined() ? at::Tensor() : (flat ? x : rows(x));
+    const at::Tensor xa = dropped ? (flat ? xd : rows(xd)) : x2;  // the adapter's input (N, in)
+    const bool adapter_dx = dropped ? need_xd : need_x;  // does anything need (G B) A?
+    at::Tensor gx, gxd;
 
     if (c10::GradMode::is_enabled()) {  // double backward: differentiable, h recomputed
       const at::Tensor W = weight_as(weight, g);
       const at::Tensor gBm = g.mm(B);
       if (need_x) gx = dropped ? g.mm(W) : g.mm(W) + gBm.mm(A) * s;
       if (need_xd) gxd = gBm.mm(A) * s;
-      if (need_A) gA = gBm.t().mm(xa) * s;
-      if (need_B) gB = g.t().mm(xa.mm(A.t())) * s;
+      if (need_A) out[kA] = gBm.t().mm(xa) * s;
+      if (need_B) out[kB] = g.t().mm(xa.mm(A.t())) * s;
     } else {
       const at::Tensor gBm = (adapter_dx || need_A) ? g.mm(B) : at::Tensor();
       if (need_x) {
@@ -90,20 +87,20 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
         if (!dropped) gx.addmm_(gBm, A, /*beta=*/1, /*alpha=*/s);
       }
       if (need_xd) gxd = at::addmm(xa, gBm, A, /*beta=*/0, /*alpha=*/s);
-      if (need_A) gA = at::addmm(A, gBm.t(), xa, /*beta=*/0, /*alpha=*/s);
+      if (need_A) out[kA] = at::addmm(A, gBm.t(), xa, /*beta=*/0, /*alpha=*/s);
       if (need_B) {
-        if (h.size(1) <= kSmallRank) {  // (hᵀ G)ᵀ: an (r, out) product, ~5x faster than Gᵀ h at r = 8
-          gB = at::addmm(B.t(), h.t(), g, /*beta=*/0, /*alpha=*/s).t().contiguous();
+        if (transposed_dB(h.size(1), h.size(0), h.scalar_type())) {
+          out[kB] = at::addmm(B.t(), h.t(), g, /*beta=*/0, /*alpha=*/s).t().contiguous();
         } else {
-          gB = at::addmm(B, g.t(), h, /*beta=*/0, /*alpha=*/s);
+          out[kB] = at::addmm(B, g.t(), h, /*beta=*/0, /*alpha=*/s);
         }
       }
     }
-    if (need_w) gw = g.t().mm(x2);
-    if (need_b) gb = g.sum(0);
-    if (gx.defined()) gx = gx.view(x_shape);
-    if (gxd.defined()) gxd = gxd.view(x_shape);
-    return {gx, gw, gb, gA, gB, at::Tensor(), gxd};
+    if (need_w) out[kW] = g.t().mm(x2);
+    if (need_b) out[kBias] = g.sum(0);
+    if (gx.defined()) out[kX] = flat ? gx : gx.view(x_shape);
+    if (gxd.defined()) out[kXd] = flat ? gxd : gxd.view(x_shape);
+    return out;
   }
 };
 
@@ -111,7 +108,36 @@ at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& A,
                                 const at::Tensor& B, double scaling,
                                 const std::optional<at::Tensor>& x_dropped) {
-  return LoRALinearFunction::apply(x, weight, bias, A, B, scaling, x_dropped);
+  check_lora_linear_args(x, weight, bias, A, B, x_dropped);
+  const bool dropped = present(x_dropped);
+  const bool flat = x.dim() == 2;
+  at::Tensor y, h;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::optional<at::Tensor> xd2;
+    if (dropped) xd2 = flat ? *x_dropped : rows(*x_dropped);
+    std::tie(y, h) = lora_linear_2d(flat ? x : rows(x), weight, bias, A, B, scaling, xd2);
+    if (!flat) {
+      std::vector<int64_t> shape = x.sizes().vec();
+      shape.back() = weight.size(0);
+      y = y.view(shape);
+    }
+  }
+  if (torch::autograd::compute_requires_grad(x, weight, bias, A, B, x_dropped)) {
+    auto node = c10::make_intrusive<LoRALinearBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, A, B, x_dropped));
+    node->scaling = scaling;
+    node->dropped = dropped;
+    node->x_shape = x.sizes().vec();
+    if (!dropped || weight.requires_grad()) node->x_ = SavedVariable(x, false);
+    node->weight_ = SavedVariable(weight, false);
+    node->A_ = SavedVariable(A, false);
+    node->B_ = SavedVariable(B, false);
+    node->h_ = SavedVariable(h, false);
+    if (dropped) node->xd_ = SavedVariable(*x_dropped, false);
+    torch::autograd::set_history(y, node);
+  }
+  return y;
 }
 
 }  // namespace
