@@ -111,6 +111,8 @@ def bench(args, cfg, device):
     steps, mem, info = {}, {}, {}
     for mode in modes:
         for m in args.methods:
+            if mode == "compile" and args.compile_methods and m not in args.compile_methods:
+                continue
             key = (m, mode)
             sync(device)
             before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
@@ -149,6 +151,8 @@ def bench(args, cfg, device):
         full = med.get(("full", mode))
         for m in args.methods:
             k = (m, mode)
+            if k not in med:
+                continue
             fm = mem.get(("full", mode))
             rows.append([m, mode, f"{info[k][0] / 1e6:.1f}", f"{info[k][1] / 1e6:.1f}", f"{med[k] * 1e3:.2f}",
                          f"**{med[k] / full:.3f}**" if full else "-",
@@ -203,6 +207,8 @@ def main():
     p.add_argument("--methods", nargs="+", default=["full", "peft", "relora", "relora_bf16w"],
                    choices=["full", "peft", "relora", "relora_bf16w"])
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--compile-methods", nargs="+", default=None,
+                   help="compile only these methods (default: every one of --methods)")
     p.add_argument("--steps", type=int, default=None, help="steps per timed round (default 10 cuda, 2 cpu)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
