@@ -51,9 +51,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-METHODS = ("full", "peft_lora", "lora", "relora", "galore")
+METHODS = ("full", "peft_lora", "lora", "relora", "galore", "relora_bf16w", "relora_bf16w_sr")
 LABELS = {"full": "full-rank AdamW", "peft_lora": "LoRA (peft)", "lora": "LoRA (relora_ext, no resets)",
-          "relora": "ReLoRA* (relora_ext)", "galore": "GaLore (galore-torch)"}
+          "relora": "ReLoRA* (relora_ext)", "galore": "GaLore (galore-torch)",
+          "relora_bf16w": "ReLoRA* (relora_ext, frozen W in bf16, nearest merge)",
+          "relora_bf16w_sr": "ReLoRA* (relora_ext, frozen W in bf16, stochastic merge)"}
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # SST paper (Sparse Spectral Training), LLaMA-130M, r = 64: validation perplexities
 PUBLISHED = {"full": 20.04, "lora": 29.71, "relora": 31.33}
@@ -104,12 +106,16 @@ def worker(cfg: dict) -> dict:
     reset_every = steps + 1
     if method == "full":
         opt = torch.optim.AdamW(model.parameters(), **adamw)
-    elif method in ("lora", "relora"):
+    elif method in ("lora", "relora", "relora_bf16w", "relora_bf16w_sr"):
         relora_ext.wrap(model, r=r)
+        if method.startswith("relora_bf16w"):  # as LoRALinear(weight_dtype=torch.bfloat16) stores it
+            for _, layer in relora_ext.lora_layers(model):
+                layer.weight.data = layer.weight.data.to(torch.bfloat16)
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw)
-        reset_every = cfg["reset_every"] if method == "relora" else steps + 1
+        reset_every = cfg["reset_every"] if method != "lora" else steps + 1
         opt = relora_ext.ReLoRAOptimizer(inner, model, reset_every=reset_every, prune="magnitude",
-                                         prune_ratio=0.99, seed=cfg["seed"])
+                                         prune_ratio=0.99, seed=cfg["seed"],
+                                         rounding="stochastic" if method.endswith("_sr") else "nearest")
     elif method == "peft_lora":
         from peft import LoraConfig, get_peft_model
 
@@ -311,7 +317,8 @@ def plot(args, rows, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"full": "black", "peft_lora": "tab:blue", "lora": "tab:cyan", "relora": "tab:red", "galore": "tab:green"}
+    colors = {"full": "black", "peft_lora": "tab:blue", "lora": "tab:cyan", "relora": "tab:red", "galore": "tab:green",
+              "relora_bf16w": "tab:orange", "relora_bf16w_sr": "tab:purple"}
     ranks = ranks_of(args)
     fig, axes = plt.subplots(1, len(ranks), figsize=(6.5 * len(ranks), 4.6), sharey=True, squeeze=False)
     axes = axes[0]
@@ -465,7 +472,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", choices=("sweep", "final", "memory", "report", "all"), default="all")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:5]))
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
