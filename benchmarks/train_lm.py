@@ -27,6 +27,12 @@ Each run is a fresh subprocess (so its peak RSS is its own); results are cached 
     python benchmarks/train_lm.py --stage memory    # peak memory: a short run per method in a fresh process
     python benchmarks/train_lm.py --stage report    # table, plot, RESULTS.md section from the cache
     python benchmarks/train_lm.py --tiny --stage all --no-write-results   # seconds, for a smoke test
+    python benchmarks/train_lm.py --device cuda --preset gpu   # a GPU (bf16 autocast): 25M parameters, 9.8M tokens
+
+``--device cuda`` runs each method under bf16 autocast (fp32 master weights) and records the peak CUDA
+memory (``torch.cuda.max_memory_allocated``) instead of the RSS stage; ``--preset gpu`` sizes the model
+and the token budget for it (dim 512, 8 layers, 8 heads, seq 256, batch 64, 600 steps: 25.2M parameters,
+9.8M tokens; one LR, seed 0; results under results/train_lm_cuda, RESULTS.md section train_lm_cuda).
 """
 
 from __future__ import annotations
@@ -45,9 +51,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-METHODS = ("full", "peft_lora", "lora", "relora", "galore")
+METHODS = ("full", "peft_lora", "lora", "relora", "galore", "relora_bf16w", "relora_bf16w_sr")
 LABELS = {"full": "full-rank AdamW", "peft_lora": "LoRA (peft)", "lora": "LoRA (relora_ext, no resets)",
-          "relora": "ReLoRA* (relora_ext)", "galore": "GaLore (galore-torch)"}
+          "relora": "ReLoRA* (relora_ext)", "galore": "GaLore (galore-torch)",
+          "relora_bf16w": "ReLoRA* (relora_ext, frozen W in bf16, nearest merge)",
+          "relora_bf16w_sr": "ReLoRA* (relora_ext, frozen W in bf16, stochastic merge)"}
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # SST paper (Sparse Spectral Training), LLaMA-130M, r = 64: validation perplexities
 PUBLISHED = {"full": 20.04, "lora": 29.71, "relora": 31.33}
@@ -73,6 +81,13 @@ def worker(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
+    device = torch.device(cfg.get("device", "cpu"))
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     if cfg.get("preimport"):  # memory stage: every method's libraries loaded before the baseline is taken
         for mod in ("peft", "galore_torch"):
             try:
@@ -80,23 +95,27 @@ def worker(cfg: dict) -> dict:
             except ImportError:
                 pass
     train_b, val_b = load_austen()
-    train_data, val_data = byte_tokens(train_b), byte_tokens(val_b)
+    train_data, val_data = byte_tokens(train_b).to(device), byte_tokens(val_b).to(device)
     rss_base = _peak_rss_mib()
     mcfg = TinyLlamaConfig(vocab_size=256, dim=cfg["dim"], n_layers=cfg["layers"], n_heads=cfg["heads"],
                            max_seq_len=cfg["seq_len"])
-    model = TinyLlama(mcfg)
+    model = TinyLlama(mcfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     method, r, lr, steps = cfg["method"], cfg["rank"], cfg["lr"], cfg["steps"]
     adamw = dict(lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     reset_every = steps + 1
     if method == "full":
         opt = torch.optim.AdamW(model.parameters(), **adamw)
-    elif method in ("lora", "relora"):
+    elif method in ("lora", "relora", "relora_bf16w", "relora_bf16w_sr"):
         relora_ext.wrap(model, r=r)
+        if method.startswith("relora_bf16w"):  # as LoRALinear(weight_dtype=torch.bfloat16) stores it
+            for _, layer in relora_ext.lora_layers(model):
+                layer.weight.data = layer.weight.data.to(torch.bfloat16)
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw)
-        reset_every = cfg["reset_every"] if method == "relora" else steps + 1
+        reset_every = cfg["reset_every"] if method != "lora" else steps + 1
         opt = relora_ext.ReLoRAOptimizer(inner, model, reset_every=reset_every, prune="magnitude",
-                                         prune_ratio=0.99, seed=cfg["seed"])
+                                         prune_ratio=0.99, seed=cfg["seed"],
+                                         rounding="stochastic" if method.endswith("_sr") else "nearest")
     elif method == "peft_lora":
         from peft import LoraConfig, get_peft_model
 
@@ -137,8 +156,11 @@ def worker(cfg: dict) -> dict:
     for step in range(1, steps + 1):
         starts = torch.randint(0, len(train_data) - cfg["seq_len"] - 1, (cfg["batch_size"],), generator=gen)
         x, y = lm_batch(train_data, starts, cfg["seq_len"])
+        sync()
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         if not math.isfinite(loss.item()):
             diverged = True
             break
@@ -150,6 +172,7 @@ def worker(cfg: dict) -> dict:
             break
         sched.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         train_s += time.perf_counter() - t0
         window.append(loss.item())
         if step % cfg["eval_every"] == 0 and step != steps:
@@ -174,6 +197,7 @@ def worker(cfg: dict) -> dict:
         "train_seconds": train_s,
         "tokens_per_s": (done * cfg["batch_size"] * cfg["seq_len"] / train_s) if train_s else None,
         "peak_rss_mib": _peak_rss_mib(),
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "rss_before_model_mib": rss_base,
         "cycles": getattr(opt, "cycles_done", 0),
         "load_avg": os.getloadavg()[0],
@@ -192,7 +216,8 @@ def run_config(args, method: str, rank: int, lr: float, seed: int) -> dict:
             "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
             "reset_every": args.reset_every, "restart_warmup": args.restart_warmup,
             "galore_scale": args.galore_scale, "eval_every": args.eval_every, "eval_windows": args.eval_windows,
-            "final_eval_windows": args.final_eval_windows, "threads": args.threads}
+            "final_eval_windows": args.final_eval_windows, "threads": args.threads,
+            **({"device": args.device} if args.device != "cpu" else {})}
 
 
 def cache_path(args, cfg: dict) -> Path:
@@ -292,7 +317,8 @@ def plot(args, rows, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"full": "black", "peft_lora": "tab:blue", "lora": "tab:cyan", "relora": "tab:red", "galore": "tab:green"}
+    colors = {"full": "black", "peft_lora": "tab:blue", "lora": "tab:cyan", "relora": "tab:red", "galore": "tab:green",
+              "relora_bf16w": "tab:orange", "relora_bf16w_sr": "tab:purple"}
     ranks = ranks_of(args)
     fig, axes = plt.subplots(1, len(ranks), figsize=(6.5 * len(ranks), 4.6), sharey=True, squeeze=False)
     axes = axes[0]
@@ -446,7 +472,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", choices=("sweep", "final", "memory", "report", "all"), default="all")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:5]))
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -471,6 +497,10 @@ def build_parser():
     p.add_argument("--write-results", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--force", action="store_true", help="rerun even if a cached result exists")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke configuration (d=32, 6 steps)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: bf16 autocast, CUDA peak memory instead of the RSS stage")
+    p.add_argument("--preset", choices=("gpu",), default=None,
+                   help="gpu: dim 512, 8 layers, 8 heads, seq 256, batch 64, 600 steps (25.2M parameters)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     return p
@@ -486,16 +516,42 @@ def main(argv=None):
         args.dim, args.layers, args.steps, args.warmup, args.reset_every, args.restart_warmup = 32, 1, 6, 1, 3, 1
         args.eval_every, args.eval_windows, args.final_eval_windows, args.lrs = 3, 4, 8, [1e-3, 3e-3]
         args.batch_size, args.seq_len = 4, 32
+    if args.preset == "gpu":
+        args.dim, args.layers, args.heads, args.seq_len, args.batch_size = 512, 8, 8, 256, 64
+        args.steps, args.warmup, args.reset_every, args.restart_warmup = 600, 60, 200, 20
+        args.eval_every, args.eval_windows, args.final_eval_windows = 100, 64, 256
+        if args.lrs == build_parser().get_default("lrs"):
+            args.lrs = [3e-3]
+        if args.seeds == build_parser().get_default("seeds"):
+            args.seeds = [0]
+        if args.ranks is None:
+            args.ranks = [128]
+        if args.section == "train_lm":
+            args.section = "train_lm_cuda"
+        if args.cache_dir == HERE / "results" / "train_lm":
+            args.cache_dir = HERE / "results" / "train_lm_cuda"
+        if args.plot == HERE / "plots" / "train_lm.png":
+            args.plot = HERE / "plots" / "train_lm_cuda.png"
     t0 = time.perf_counter()
     best = best_lrs(args)
     if args.stage in ("final", "all"):
         stage_final(args, best)
-    mem = stage_memory(args, best) if args.stage in ("memory", "report", "all") else {}
+    cpu_mem = args.device == "cpu" and args.stage in ("memory", "report", "all")
+    mem = stage_memory(args, best) if cpu_mem else {}
     rows = collect(args, best)
     print(f"best LRs: {best}; {time.perf_counter() - t0:.0f} s")
     if args.stage in ("report", "all"):
         plot(args, rows, args.plot)
         md = markdown(args, rows, mem, args.plot)
+        if args.device == "cuda":
+            from _report import table
+
+            cu = [[m, r, f"{_mean([x['tokens_per_s'] or 0 for x in runs]):.0f}",
+                   f"{max(x['cuda_peak_mib'] or 0 for x in runs):.0f}", f"{_mean([x['val_ppl'] for x in runs]):.2f}"]
+                  for (r, m), runs in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+            md += ("\n\nCUDA (bf16 autocast): training throughput and peak CUDA memory "
+                   "(torch.cuda.max_memory_allocated) of each run.\n\n"
+                   + table(["method", "r", "tokens/s", "peak CUDA MiB", "val ppl"], cu) + "\n")
         print(md)
         if args.write_results:
             from _report import write_section

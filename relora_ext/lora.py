@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_bool, check_float, check_int, check_rank
+from ._checks import FLOAT_DTYPES, check_bool, check_float, check_int, check_rank
 
 __all__ = ["LoRALinear", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters"]
 
@@ -49,80 +49,24 @@ def _ops():
     return ops
 
 
-#: Up to this rank the backward computes ∂B as (s hᵀ G)ᵀ: CPU GEMMs (MKL/oneDNN, fp32 and bf16) with a
-#: (T, out)ᵀ·(T, r) shape run several times slower than the (r, T)·(T, out) one at r = 8; from r ≈ 32 on
-#: the two are alike (benchmarks/bench_lora_layer.py).
-_SMALL_RANK = 16
+_OP = None
 
 
-class _LoRALinearFn(torch.autograd.Function):
-    """``y = x Wᵀ + b + s (x Aᵀ) Bᵀ`` on 2-D ``x`` ``(N, in)``, fused for time and memory.
+def _lora_linear(x, weight, bias, A, B, scaling: float, x_dropped=None):
+    """``x`` ``(*, in)`` -> ``(*, out)``: ``x Wᵀ + b + s (xd Aᵀ) Bᵀ`` (``xd = x_dropped``, or ``x``).
 
-    Forward: ``h = x Aᵀ`` ``(N, r)``; ``y = addmm(b, x, Wᵀ)``; ``y += s h Bᵀ`` in place (no ``(N, out)``
-    temporary, no separate scale or add pass). Saves ``x`` and ``h`` (plus the parameters, which are not
-    activations). Backward, with ``G = ∂L/∂y``: ``∂x = G W + s (G B) A`` (accumulated in place),
-    ``∂A = s (G B)ᵀ x``, ``∂B = s Gᵀ h`` (as ``(s hᵀ G)ᵀ`` for small ``r``), ``∂b = Σ_n G``, and ``∂W = Gᵀ x`` only if ``W`` requires grad.
-    Under ``create_graph=True`` the backward is written with out-of-place ops and recomputes ``h`` from
-    ``x`` and ``A`` so that it is itself differentiable (double backward, ``gradgradcheck``).
-    All inputs must share one dtype: :func:`_lora_linear` applies autocast's casts before calling it.
+    One call of the native operator ``torch.ops.relora.lora_linear`` (csrc/ops/lora_linear.cpp), whose
+    autograd (double backward included) and autocast kernels are registered in C++: no Python
+    ``autograd.Function``, no per-call casts or checks in Python. Forward: ``h = xd Aᵀ`` ``(N, r)``;
+    ``y = addmm(b, x, Wᵀ)``; ``y += s h Bᵀ`` in place. Saves ``h`` and ``x`` (``xd`` instead with dropout,
+    whose own mask is saved by the dropout): no more than PEFT's LoRA layer. ``W`` may be stored in
+    another floating dtype than ``x`` (it is then cast for the product; under autocast it is cast to the
+    autocast dtype like every other argument, which is no copy when it is stored in that dtype).
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling: float):
-        h = x.mm(A.t())
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else x.mm(weight.t())
-        y.addmm_(h, B.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, A, B, h)
-        ctx.scaling = scaling
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, A, B, h = ctx.saved_tensors
-        s = ctx.scaling
-        need_x, need_w, need_b, need_A, need_B, _ = ctx.needs_input_grad
-        gx = gw = gb = gA = gB = None
-        if torch.is_grad_enabled():  # double backward: differentiable, h recomputed from its inputs
-            gBm = g.mm(B)
-            if need_x:
-                gx = g.mm(weight) + s * gBm.mm(A)
-            if need_A:
-                gA = s * gBm.t().mm(x)
-            if need_B:
-                gB = s * g.t().mm(x.mm(A.t()))
-        else:
-            gBm = g.mm(B) if (need_x or need_A) else None
-            if need_x:
-                gx = g.mm(weight)
-                gx.addmm_(gBm, A, alpha=s)
-            if need_A:
-                gA = torch.addmm(A, gBm.t(), x, beta=0, alpha=s)
-            if need_B:
-                if h.shape[1] <= _SMALL_RANK:  # (hᵀ G)ᵀ: an (r, out) product, ~5x faster than Gᵀ h at r = 8
-                    gB = torch.addmm(B.t(), h.t(), g, beta=0, alpha=s).t().contiguous()
-                else:
-                    gB = torch.addmm(B, g.t(), h, beta=0, alpha=s)
-        if need_w:
-            gw = g.t().mm(x)
-        if need_b:
-            gb = g.sum(0)
-        return gx, gw, gb, gA, gB, None
-
-
-def _lora_linear(x, weight, bias, A, B, scaling: float):
-    """``x`` ``(*, in)`` -> ``(*, out)`` through :class:`_LoRALinearFn`, with autocast's casts applied here."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-
-        def cast(t):  # like autocast: floating tensors other than float64 go to the autocast dtype
-            return t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-
-        with torch.autocast(dev, enabled=False):
-            return _lora_linear(cast(x), cast(weight), cast(bias), cast(A), cast(B), scaling)
-    lead = x.shape[:-1]
-    y = _LoRALinearFn.apply(x.reshape(math.prod(lead), x.shape[-1]), weight, bias, A, B, scaling)
-    return y.view(*lead, y.shape[-1])
+    global _OP
+    if _OP is None:
+        _OP = torch.ops.relora.lora_linear.default
+    return _OP(x, weight, bias, A, B, scaling, x_dropped)
 
 
 class LoRALinear(nn.Module):
@@ -152,6 +96,17 @@ class LoRALinear(nn.Module):
             ``1 / sqrt(in_features)``** (fan-in): for inputs with unit-variance entries the adapter's hidden
             ``x Aᵀ`` then has unit-variance entries whatever the width, so the gradient of ``B`` (which is
             ``s · (x Aᵀ)ᵀ ∂L/∂y``) has the same scale as that of a fan-in-initialised layer.
+        weight_dtype: the dtype the frozen ``weight`` is stored in between merges (``None``: the layer's
+            dtype). ``weight_dtype=torch.bfloat16`` on a float32 layer keeps ``lora_A``, ``lora_B`` and
+            ``bias`` in float32 (the trained parameters and their optimizer state) and ``W`` in bfloat16:
+            half the weight memory, and under bf16 autocast no cast of ``W`` at every step (autocast's
+            cast is then no copy). The price is that ``W`` carries bf16 precision: each merge accumulates
+            ``s·B·A`` in float32 and rounds once into ``W`` (``rounding="stochastic"`` makes that rounding
+            unbiased over cycles), which is what autocast computes with anyway. Outside autocast ``W`` is
+            cast to the input's dtype in the product. Memory: ``2·out·in`` bytes less per layer (LLaMA-130M
+            shape, r = 64: 162 MiB of 1245 MiB of weights + grads + AdamW state), plus no bf16 copy of ``W``
+            made and held for backward at every step under autocast. Accuracy: ``benchmarks/RESULTS.md``,
+            sections train_lm_bf16w (fp32 compute: bf16 storage costs some loss) and bench_step_cuda.
 
     Example::
 
@@ -180,6 +135,7 @@ class LoRALinear(nn.Module):
         alpha: Optional[float] = None,
         dropout: float = 0.0,
         init_std: Optional[float] = None,
+        weight_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -187,14 +143,14 @@ class LoRALinear(nn.Module):
                 raise ValueError(f"LoRALinear: {name} must be a positive int, got {v!r}")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._adopt(base.weight, base.bias, r=r, alpha=alpha, dropout=dropout, init_std=init_std,
-                    where="LoRALinear")
+                    weight_dtype=weight_dtype, where="LoRALinear")
         self._weight_requires_grad = True
         self._base_cls = None  # the module type unwrap() gives back: nn.Linear, or transformers' Conv1D
 
     # -- construction helpers --------------------------------------------------------------------
 
     def _adopt(self, weight: nn.Parameter, bias: Optional[nn.Parameter], *, r, alpha, dropout, init_std,
-               where: str) -> None:
+               where: str, weight_dtype: Optional[torch.dtype] = None) -> None:
         out_features, in_features = weight.shape
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -207,11 +163,19 @@ class LoRALinear(nn.Module):
         if init_std is None:
             init_std = 1.0 / math.sqrt(self.in_features)
         self.init_std = check_float(where, "init_std", init_std, lo=0.0)
+        if weight_dtype is not None and weight_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{where}: weight_dtype must be None or one of "
+                            f"{', '.join(str(d) for d in FLOAT_DTYPES)}, got {weight_dtype!r}")
+        if weight_dtype is not None and not weight.dtype.is_floating_point:
+            raise TypeError(f"{where}: weight_dtype needs a floating-point weight, got {weight.dtype}")
+        factory = {"device": weight.device, "dtype": weight.dtype}  # A and B: the layer's dtype
 
         weight.requires_grad_(False)
+        if weight_dtype is not None and weight.dtype != weight_dtype:
+            with torch.no_grad():  # the same Parameter object, its storage now in weight_dtype
+                weight.data = weight.data.to(weight_dtype)
         self.weight = weight
         self.bias = bias
-        factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **factory))
         self.dropout = p
@@ -226,12 +190,15 @@ class LoRALinear(nn.Module):
         alpha: Optional[float] = None,
         dropout: float = 0.0,
         init_std: Optional[float] = None,
+        weight_dtype: Optional[torch.dtype] = None,
     ) -> "LoRALinear":
         """Build a :class:`LoRALinear` that adopts ``linear``'s ``weight`` and ``bias`` Parameters.
 
         Nothing is copied: ``result.weight is linear.weight`` (now frozen) and ``result.bias is
         linear.bias``. ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` are created on the weight's device
-        with its dtype. Keyword arguments as for :class:`LoRALinear`.
+        with its dtype. Keyword arguments as for :class:`LoRALinear`; with ``weight_dtype`` the adopted
+        ``weight`` Parameter keeps its identity but its data is converted to that dtype (e.g.
+        ``LoRALinear.from_linear(lin, r=8, weight_dtype=torch.bfloat16)``).
 
         Example::
 
@@ -251,7 +218,7 @@ class LoRALinear(nn.Module):
         if conv1d:  # Conv1D stores (in, out): adopt an (out, in) view of the same memory
             weight = nn.Parameter(linear.weight.detach().t(), requires_grad=requires_grad)
         self._adopt(weight, linear.bias, r=r, alpha=alpha, dropout=dropout, init_std=init_std,
-                    where="LoRALinear.from_linear")
+                    weight_dtype=weight_dtype, where="LoRALinear.from_linear")
         self._weight_requires_grad = requires_grad
         self._base_cls = type(linear) if conv1d else None
         return self
@@ -281,17 +248,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(*, in_features)`` -> ``(*, out_features)``.
 
-        Without dropout (or in eval mode) this runs :class:`_LoRALinearFn`, which writes the adapter's
-        product into the frozen path's output in place and saves only ``x`` and ``x Aᵀ`` for backward;
-        with dropout in training it is the plain composition of :func:`torch.nn.functional.linear`.
+        One call of the native operator ``torch.ops.relora.lora_linear`` (see :func:`_lora_linear`). With
+        dropout in training, the adapter reads ``F.dropout(x)`` and the frozen path reads ``x``.
         """
-        if self.dropout > 0 and self.training:
-            h = F.dropout(x, self.dropout, True)
-            lora = F.linear(F.linear(h, self.lora_A), self.lora_B)
-            if self.scaling != 1.0:
-                lora = lora * self.scaling
-            return F.linear(x, self.weight, self.bias) + lora
-        return _lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+        xd = F.dropout(x, self.dropout, True) if self.dropout > 0 and self.training else None
+        return _lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, xd)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

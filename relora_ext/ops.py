@@ -167,3 +167,23 @@ def uniform_(x: torch.Tensor, *, seed: int, offset: int = 0) -> None:
     seed, offset = as_i64(check_u64(fn, "seed", seed)), as_i64(check_u64(fn, "offset", offset))
     with torch.no_grad():
         torch.ops.relora.uniform_(x, seed, offset)
+
+
+# ------------------------------------------------------------------------------------------------
+# relora::lora_linear (csrc/ops/lora_linear.cpp): LoRALinear's forward, with its autograd and autocast
+# kernels in C++. Called by relora_ext.lora.LoRALinear.forward; this is its fake (shape) kernel, which
+# torch.compile and FakeTensor trace with.
+
+
+@torch.library.register_fake("relora::lora_linear")
+def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, x_dropped=None):
+    """Shapes only: ``x (*, in)`` -> ``(*, out)`` in ``x``'s dtype, on ``x``'s device."""
+    torch._check(weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2,
+                 lambda: "lora_linear: weight, lora_A and lora_B must be 2-D")
+    torch._check(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+                 lambda: f"lora_linear: x must be (*, in) with in = {weight.shape[1]}, got {tuple(x.shape)}")
+    torch._check(lora_A.shape[1] == weight.shape[1] and lora_B.shape[0] == weight.shape[0]
+                 and lora_B.shape[1] == lora_A.shape[0],
+                 lambda: f"lora_linear: expected lora_A (r, in) and lora_B (out, r) for weight "
+                         f"{tuple(weight.shape)}, got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
