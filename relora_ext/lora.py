@@ -339,6 +339,8 @@ class LoRALinear(nn.Module):
         self._check_mergeable("LoRALinear.to_linear")
         self.merge_()
         self.lora_B.zero_()
+        if self.weight.dtype != self.lora_A.dtype:  # kept in another dtype (weight_dtype): the layer's again
+            self.weight.data = self.weight.data.to(self.lora_A.dtype)
         lin = nn.Linear.__new__(nn.Linear)
         nn.Module.__init__(lin)
         lin.in_features = self.in_features
@@ -433,6 +435,8 @@ class ReLoRAConfig:
         modules_to_save: name suffixes of modules that stay trainable when ``freeze_others=True``.
         method: ``"relora"`` (default): :class:`LoRALinear` layers, ReLoRA*; ``"sst"``: Sparse Spectral Training,
             :class:`relora_ext.sst.SSTLinear` layers (``nn.Linear`` bases only).
+        weight_dtype: the dtype the frozen weights are kept in between merges (see :class:`LoRALinear`), e.g.
+            ``torch.bfloat16`` for a float32 model trained under bf16 autocast.
 
     Example: ``wrap(model, ReLoRAConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))``.
     """
@@ -446,15 +450,19 @@ class ReLoRAConfig:
     freeze_others: bool = False
     modules_to_save: Sequence[str] = ()
     method: str = "relora"
+    weight_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
         where = "ReLoRAConfig"
         check_int(where, "r", self.r, lo=1)
         if self.method not in ("relora", "sst"):
             raise ValueError(f"{where}: method must be 'relora' or 'sst', got {self.method!r}")
-        if self.method == "sst" and (self.lora_alpha is not None or self.lora_dropout or self.init_std is not None):
-            raise ValueError(f"{where}: method='sst' trains singular vectors and values: lora_alpha, lora_dropout and "
-                             "init_std do not apply (leave them unset)")
+        if self.method == "sst" and (self.lora_alpha is not None or self.lora_dropout or self.init_std is not None
+                                     or self.weight_dtype is not None):
+            raise ValueError(f"{where}: method='sst' trains singular vectors and values: lora_alpha, lora_dropout, "
+                             "init_std and weight_dtype do not apply (leave them unset)")
+        if self.weight_dtype is not None and self.weight_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{where}: weight_dtype must be None or one of {FLOAT_DTYPES}, got {self.weight_dtype!r}")
         if self.lora_alpha is not None:
             check_float(where, "lora_alpha", self.lora_alpha, lo=0.0, lo_open=True)
         check_float(where, "lora_dropout", self.lora_dropout, lo=0.0, hi=1.0, hi_open=True)
@@ -516,6 +524,7 @@ def wrap(
     freeze_others: Optional[bool] = None,
     modules_to_save: Optional[Sequence[str]] = None,
     method: Optional[str] = None,
+    weight_dtype: Optional[torch.dtype] = None,
     alpha: Optional[float] = None,
     dropout: Optional[float] = None,
 ) -> nn.Module:
@@ -569,8 +578,10 @@ def wrap(
     cfg = _config(config, dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, init_std=init_std,
                                target_modules=target_modules, exclude_modules=exclude_modules,
                                freeze_others=freeze_others, modules_to_save=modules_to_save, method=method,
-                               alpha=alpha, dropout=dropout))
+                               weight_dtype=weight_dtype, alpha=alpha, dropout=dropout))
     settings = dict(r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, init_std=cfg.init_std)
+    if cfg.weight_dtype is not None:
+        settings["weight_dtype"] = cfg.weight_dtype
     if type(model) is nn.Linear:  # the model is one layer: it cannot be replaced in place, return its adapter
         return _adapter(model, cfg, settings)
     _refuse_foreign_wrappers(model)
@@ -615,6 +626,9 @@ def wrap(
             check_rank("LoRALinear.from_linear", cfg.r, in_f, out_f)
         except ValueError as e:
             raise ValueError(f"wrap: cannot adapt layer {name!r}: {e}") from None
+        if cfg.weight_dtype is not None and _kind(mod) == "quantized":
+            raise ValueError(f"wrap: cannot adapt layer {name!r} with weight_dtype={cfg.weight_dtype}: its weight is "
+                             f"quantized ({type(mod).__name__})")
         if cfg.method == "sst" and _kind(mod) != "linear":
             raise ValueError(f"wrap: cannot adapt layer {name!r} with method='sst': it is a {type(mod).__name__}; "
                              "SST takes nn.Linear layers (leave it out with exclude_modules)")

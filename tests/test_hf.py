@@ -206,3 +206,13 @@ def test_adapters_only_save_and_load(tmp_path):
     with pytest.raises(ValueError, match="alpha=4.0 but the model has alpha=8.0"):
         relora_ext.load_adapters(wrong, tmp_path / "a.safetensors")
     assert all(torch.equal(b, l.lora_A) for b, (_, l) in zip(before, lora_layers(wrong)))
+
+
+def test_wrap_weight_dtype_and_unwrap_restores_the_dtype():
+    model = wrap(tiny_llama(), r=4, weight_dtype=torch.bfloat16)
+    layers = lora_layers(model)
+    assert all(l.weight.dtype == torch.bfloat16 and l.lora_A.dtype == torch.float32 for _, l in layers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(IDS, labels=IDS).loss.backward()
+    unwrap(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
