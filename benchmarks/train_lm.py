@@ -17,7 +17,9 @@ Methods (``--methods``): ``full`` (every parameter, AdamW); ``peft_lora`` (``pef
 projections of every block, alpha = r, plus the embeddings, norms and head trained, as in relora_ext);
 ``lora`` (relora_ext adapters, never merged); ``relora`` (ReLoRA*: merge + reset + 99% magnitude prune
 every ``--reset-every`` steps); ``galore`` (``galore_torch.GaLoreAdamW`` on the same projections' weights,
-rank r, projection refreshed every ``--reset-every`` steps, scale 0.25, the rest plain AdamW).
+rank r, projection refreshed every ``--reset-every`` steps, scale 0.25, the rest plain AdamW); ``sst``
+(Sparse Spectral Training on the same projections: r sampled singular-vector pairs and every singular
+value trained, a new sample every ``--reset-every`` steps).
 
 Each run is a fresh subprocess (so its peak RSS is its own); results are cached as JSON under
 ``--cache-dir`` and reused when the configuration matches, so the stages can be run separately:
@@ -45,20 +47,22 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-METHODS = ("full", "peft_lora", "lora", "relora", "galore", "relora_bf16w", "relora_bf16w_sr")
+METHODS = ("full", "peft_lora", "lora", "relora", "galore", "relora_bf16w", "relora_bf16w_sr", "sst")
 LABELS = {"full": "full-rank AdamW", "peft_lora": "LoRA (peft)", "lora": "LoRA (relora_ext, no resets)",
           "relora": "ReLoRA* (relora_ext)", "galore": "GaLore (galore-torch)",
           "relora_bf16w": "ReLoRA* (relora_ext, frozen W in bf16, nearest merge)",
-          "relora_bf16w_sr": "ReLoRA* (relora_ext, frozen W in bf16, stochastic merge)"}
+          "relora_bf16w_sr": "ReLoRA* (relora_ext, frozen W in bf16, stochastic merge)",
+          "sst": "SST (relora_ext)"}
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # SST paper (Sparse Spectral Training), LLaMA-130M, r = 64: validation perplexities
-PUBLISHED = {"full": 20.04, "lora": 29.71, "relora": 31.33}
+PUBLISHED = {"full": 20.04, "lora": 29.71, "relora": 31.33, "sst": 23.35}
 
 
 def _peak_rss_mib() -> float:
@@ -106,11 +110,9 @@ def worker(cfg: dict) -> dict:
     reset_every = steps + 1
     if method == "full":
         opt = torch.optim.AdamW(model.parameters(), **adamw)
-    elif method in ("lora", "relora", "relora_bf16w", "relora_bf16w_sr"):
-        relora_ext.wrap(model, r=r)
-        if method.startswith("relora_bf16w"):  # as LoRALinear(weight_dtype=torch.bfloat16) stores it
-            for _, layer in relora_ext.lora_layers(model):
-                layer.weight.data = layer.weight.data.to(torch.bfloat16)
+    elif method in ("lora", "relora", "relora_bf16w", "relora_bf16w_sr", "sst"):
+        relora_ext.wrap(model, r=r, method="sst" if method == "sst" else "relora",
+                        weight_dtype=torch.bfloat16 if method.startswith("relora_bf16w") else None)
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw)
         reset_every = cfg["reset_every"] if method != "lora" else steps + 1
         opt = relora_ext.ReLoRAOptimizer(inner, model, reset_every=reset_every, prune="magnitude",
@@ -318,7 +320,7 @@ def plot(args, rows, path: Path):
     import matplotlib.pyplot as plt
 
     colors = {"full": "black", "peft_lora": "tab:blue", "lora": "tab:cyan", "relora": "tab:red", "galore": "tab:green",
-              "relora_bf16w": "tab:orange", "relora_bf16w_sr": "tab:purple"}
+              "relora_bf16w": "tab:orange", "relora_bf16w_sr": "tab:purple", "sst": "tab:brown"}
     ranks = ranks_of(args)
     fig, axes = plt.subplots(1, len(ranks), figsize=(6.5 * len(ranks), 4.6), sharey=True, squeeze=False)
     axes = axes[0]
@@ -353,7 +355,7 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
     c = any_run["config"]
     tokens = c["steps"] * c["batch_size"] * c["seq_len"]
     pub = {"full": 1.0, "peft_lora": PUBLISHED["lora"] / PUBLISHED["full"], "lora": PUBLISHED["lora"] / PUBLISHED["full"],
-           "relora": PUBLISHED["relora"] / PUBLISHED["full"]}
+           "relora": PUBLISHED["relora"] / PUBLISHED["full"], "sst": PUBLISHED["sst"] / PUBLISHED["full"]}
     out = [
         f"## Language model on Jane Austen, {c['steps']} steps: "
         + " vs ".join(dict.fromkeys(LABELS[m].split(" (")[0] for m in args.methods)),
@@ -391,7 +393,7 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
             and rows[(r0, m)][0]["config"]["lr"] in (min(args.lrs), max(args.lrs))]
     out += ["",
             "± is half the range over seeds. Published: SST paper, LLaMA-130M on C4, r = 64, perplexity per token: "
-            f"full {PUBLISHED['full']}, LoRA {PUBLISHED['lora']}, ReLoRA* {PUBLISHED['relora']}."
+            f"full {PUBLISHED['full']}, LoRA {PUBLISHED['lora']}, ReLoRA* {PUBLISHED['relora']}, SST {PUBLISHED['sst']}."
             + (f" Best LR at the edge of the sweep for: {', '.join(LABELS[m] for m in edge)}."
                if edge and len(args.lrs) > 1 else "")]
     if full_ppl:
@@ -516,6 +518,11 @@ def main(argv=None):
         args.dim, args.layers, args.steps, args.warmup, args.reset_every, args.restart_warmup = 32, 1, 6, 1, 3, 1
         args.eval_every, args.eval_windows, args.final_eval_windows, args.lrs = 3, 4, 8, [1e-3, 3e-3]
         args.batch_size, args.seq_len = 4, 32
+        scratch = Path(tempfile.mkdtemp(prefix="train_lm_tiny."))  # a smoke test leaves the real results alone
+        if args.cache_dir == HERE / "results" / "train_lm":
+            args.cache_dir = scratch / "cache"
+        if args.plot == HERE / "plots" / "train_lm.png":
+            args.plot = scratch / "train_lm.png"
     if args.preset == "gpu":
         args.dim, args.layers, args.heads, args.seq_len, args.batch_size = 512, 8, 8, 256, 64
         args.steps, args.warmup, args.reset_every, args.restart_warmup = 600, 60, 200, 20

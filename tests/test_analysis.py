@@ -253,7 +253,7 @@ def _tiny_lm_config(train_lm, method):
     return train_lm.run_config(args, method, 8, 3e-3, 0)
 
 
-@pytest.mark.parametrize("method", ["full", "peft_lora", "lora", "relora", "galore"])
+@pytest.mark.parametrize("method", ["full", "peft_lora", "lora", "relora", "galore", "sst"])
 def test_train_lm_worker_tiny(train_lm, threads, method):
     """Every method of benchmarks/train_lm.py sets up, trains a few steps and reports what the table needs."""
     if method == "peft_lora":
@@ -267,8 +267,8 @@ def test_train_lm_worker_tiny(train_lm, threads, method):
     assert res["val_loss"] < res["curve"][0]["val_loss"]  # it learned something in 6 steps
     assert res["tokens_per_s"] > 0 and res["peak_rss_mib"] >= res["rss_before_model_mib"] > 0
     assert res["params"] == full["params"]
-    if method in ("peft_lora", "lora", "relora"):
+    if method in ("peft_lora", "lora", "relora", "sst"):
         assert res["trainable"] < full["trainable"]
     if method != "full":
         assert res["optimizer_state_bytes"] < full["optimizer_state_bytes"]
-    assert res["cycles"] == (2 if method == "relora" else 0)
+    assert res["cycles"] == (2 if method in ("relora", "sst") else 0)
