@@ -187,3 +187,10 @@ def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, x_dropped=None):
                  lambda: f"lora_linear: expected lora_A (r, in) and lora_B (out, r) for weight "
                          f"{tuple(weight.shape)}, got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("relora::sst_linear")
+def _sst_linear_fake(x, U, V, sigma, active, U_active, V_active, bias=None):
+    """Shapes only: ``x (*, in)`` -> ``(*, out)`` with ``out = U.shape[0]`` (csrc/ops/sst_linear.cpp)."""
+    torch._check(x.shape[-1] == V.shape[0], lambda: f"sst_linear: x must be (*, {V.shape[0]}), got {tuple(x.shape)}")
+    return x.new_empty((*x.shape[:-1], U.shape[0]))

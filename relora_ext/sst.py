@@ -24,13 +24,14 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import _C, ops  # noqa: F401  (_C registers torch.ops.relora.sst_linear)
 from ._checks import check_rank
 
 __all__ = ["SSTLinear", "sample_directions", "sample_offset"]
+
+_sst_linear = torch.ops.relora.sst_linear.default
 
 _STREAM_SST = (1 << 62) | (1 << 61)  # beside the reset draws (< 2⁶²) and the prune masks (2⁶² + ...)
 
@@ -113,14 +114,10 @@ class SSTLinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = (self.U * self.sigma) @ self.V.t()  # the frozen directions (the active columns of U, V are 0)
-        y = F.linear(x, W, self.bias)
-        # The active directions. `grads` carries the enhanced gradient to U_active and V_active (no Σ factor)
-        # and is 0 in value; `value` carries the value and the true gradient to x and Σ[S].
-        s = self.sigma[self.active]
-        grads = F.linear(F.linear(x.detach(), self.V_active.t()), self.U_active)
-        value = F.linear(F.linear(x, self.V_active.detach().t()) * s, self.U_active.detach())
-        return y + (grads - grads.detach()) + value
+        """``x`` ``(*, in)`` -> ``(*, out)``: one call of the native ``torch.ops.relora.sst_linear``
+        (csrc/ops/sst_linear.cpp), whose C++ autograd gives ``U_active``/``V_active`` the enhanced gradient
+        and ``x``/``Σ`` the true one; autocast kernels in C++ too."""
+        return _sst_linear(x, self.U, self.V, self.sigma, self.active, self.U_active, self.V_active, self.bias)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -186,3 +186,33 @@ def test_wrap_sst_refuses_lora_settings():
         wrap(nn.Sequential(nn.Linear(4, 4)), r=2, method="sst", lora_alpha=4)
     with pytest.raises(ValueError, match="method must be"):
         relora_ext.ReLoRAConfig(method="galore")
+
+
+def test_native_op_opcheck_gradcheck_and_gradgradcheck():
+    _, sst = layer_of(out=5, inp=6, r=2, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    sigma = sst.sigma.detach().clone().requires_grad_()
+    # opcheck's gradient checks compare with numerical derivatives: run them where the op's gradient is the
+    # true one (x, Σ, bias); U_active and V_active take SST's enhanced gradient by design (tested above)
+    torch.library.opcheck(torch.ops.relora.sst_linear.default,
+                          (x, sst.U, sst.V, sigma, sst.active, sst.U_active.detach(), sst.V_active.detach(), sst.bias))
+
+    def f(x, sigma):   # the true gradient flows to x and Σ (the active columns held fixed)
+        return torch.ops.relora.sst_linear(x, sst.U, sst.V, sigma, sst.active, sst.U_active.detach(),
+                                           sst.V_active.detach(), None)
+
+    assert torch.autograd.gradcheck(f, (x, sigma))
+    assert torch.autograd.gradgradcheck(f, (x, sigma))
+
+
+def test_native_op_under_bf16_autocast_and_compile():
+    lin, sst = layer_of(out=16, inp=24, r=4)
+    x = torch.randn(3, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sst(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), lin(x), rtol=3e-2, atol=3e-2)
+    compiled = torch.compile(sst, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), sst(x))
+    compiled(x).square().sum().backward()
+    assert sst.U_active.grad is not None and sst.sigma.grad is not None

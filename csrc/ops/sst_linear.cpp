@@ -1,0 +1,209 @@
+// relora::sst_linear: SSTLinear's forward and its enhanced-gradient backward as one operator
+// (see relora_ext/sst.py for the method).
+//
+//   y = x Ws + b + ((x V_a) diag(Σ_S)) U_aᵀ,    Ws = (U diag(Σ) Vᵀ)ᵀ over the frozen directions
+//
+// Shapes: x (*, in) flattened to (N, in); U (out, m) and V (in, m) the frozen directions (zeros in the
+// active columns); sigma Σ (m,); active S (r,) int64; U_active U_a (out, r), V_active V_a (in, r);
+// bias (out,) or None. One floating dtype for all but `active`.
+//
+// Backward, with G = ∂L/∂y (N, out), h_a = x V_a (N, r):
+//   ∂x   = G (U diag(Σ) Vᵀ) + ((G U_a) diag(Σ_S)) V_aᵀ       the true gradient
+//   ∂Σ   = diag(Uᵀ (Gᵀ x) V), plus Σ_n (G U_a) ∘ h_a at S     the true gradient
+//   ∂U_a = Gᵀ h_a           ∂V_a = xᵀ (G U_a)                  SST's enhanced gradient (no Σ_S)
+//   ∂b   = Σ_n G
+// Saved for backward: x and h_a (N, r). The backward uses out-of-place ops only, and recomputes h_a under
+// create_graph, so it is itself differentiable (double backward).
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace relora {
+namespace {
+
+const char* kOp = "sst_linear";
+
+bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_args(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& sigma,
+                const at::Tensor& active, const at::Tensor& Ua, const at::Tensor& Va,
+                const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(U.dim() == 2 && V.dim() == 2 && sigma.dim() == 1 && U.size(1) == sigma.size(0) &&
+                        V.size(1) == sigma.size(0),
+                    kOp, ": expected U (out, m), V (in, m), sigma (m,), got ", U.sizes(), ", ",
+                    V.sizes(), ", ", sigma.sizes());
+  TORCH_CHECK_VALUE(active.dim() == 1 && Ua.dim() == 2 && Va.dim() == 2 &&
+                        Ua.size(0) == U.size(0) && Va.size(0) == V.size(0) &&
+                        Ua.size(1) == active.size(0) && Va.size(1) == active.size(0),
+                    kOp, ": expected active (r,), U_active (out, r), V_active (in, r), got ",
+                    active.sizes(), ", ", Ua.sizes(), ", ", Va.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == V.size(0), kOp,
+                    ": x must be (*, in) with in = V.shape[0] = ", V.size(0), ", got ", x.sizes());
+  TORCH_CHECK_TYPE(active.scalar_type() == at::kLong, kOp, ": active must be int64, got ",
+                   active.scalar_type());
+  for (const at::Tensor* t : {&U, &V, &sigma, &Ua, &Va}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), kOp,
+                     ": U, V, sigma, U_active and V_active must have x's dtype ", x.scalar_type(),
+                     ", got ", t->scalar_type());
+  }
+  if (given(bias)) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == U.size(0), kOp,
+                      ": bias must be (out,), got ", bias->sizes());
+  }
+}
+
+// y (N, out) and h_a (N, r) for x2 (N, in).
+std::tuple<at::Tensor, at::Tensor> forward_2d(const at::Tensor& x2, const at::Tensor& U,
+                                              const at::Tensor& V, const at::Tensor& sigma,
+                                              const at::Tensor& active, const at::Tensor& Ua,
+                                              const at::Tensor& Va,
+                                              const std::optional<at::Tensor>& bias) {
+  const at::Tensor W = at::mm(U * sigma, V.t());  // (out, in), the frozen directions
+  at::Tensor y = given(bias) ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
+  at::Tensor ha = at::mm(x2, Va);
+  y.addmm_(ha * sigma.index_select(0, active), Ua.t());
+  return {std::move(y), std::move(ha)};
+}
+
+at::Tensor out_shape(const at::Tensor& y2, const at::Tensor& x) {
+  if (x.dim() == 2) return y2;
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = y2.size(1);
+  return y2.view(shape);
+}
+
+at::Tensor sst_linear(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
+                      const at::Tensor& sigma, const at::Tensor& active, const at::Tensor& Ua,
+                      const at::Tensor& Va, const std::optional<at::Tensor>& bias) {
+  check_args(x, U, V, sigma, active, Ua, Va, bias);
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  return out_shape(std::get<0>(forward_2d(x2, U, V, sigma, active, Ua, Va, bias)), x);
+}
+
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+
+// Edges: the arguments that can take a gradient, in schema order.
+enum Edge : size_t { kX = 0, kSigma, kUa, kVa, kBias, kEdges };
+
+struct SSTLinearBackward : public torch::autograd::Node {
+  SavedVariable x_, U_, V_, sigma_, active_, Ua_, Va_, ha_;
+  std::vector<int64_t> x_shape;
+
+  std::string name() const override { return "SSTLinearBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&x_, &U_, &V_, &sigma_, &active_, &Ua_, &Va_, &ha_}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(kEdges);
+    if (!grads[0].defined()) return out;
+    const at::Tensor x = x_.unpack(), U = U_.unpack(), V = V_.unpack(), sigma = sigma_.unpack();
+    const at::Tensor active = active_.unpack(), Ua = Ua_.unpack(), Va = Va_.unpack();
+    const at::Tensor g = grads[0].reshape({-1, U.size(0)});
+    const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    // Under create_graph (double backward) h_a is recomputed, so that it carries its dependence on x.
+    const at::Tensor ha = c10::GradMode::is_enabled() ? at::mm(x2, Va) : ha_.unpack();
+    const bool need_sigma = should_compute_output(kSigma);
+    const at::Tensor gUa = (should_compute_output(kX) || need_sigma || should_compute_output(kVa))
+                               ? at::mm(g, Ua)
+                               : at::Tensor();  // G U_a (N, r)
+    if (should_compute_output(kX)) {
+      const at::Tensor W = at::mm(U * sigma, V.t());
+      const at::Tensor gx = at::mm(g, W) + at::mm(gUa * sigma.index_select(0, active), Va.t());
+      out[kX] = gx.view(x_shape);
+    }
+    if (need_sigma) {  // diag(Uᵀ (Gᵀ x) V) over the frozen directions, Σ_n (G U_a) ∘ h_a at S
+      const at::Tensor gW = at::mm(g.t(), x2);
+      at::Tensor gs = (U * at::mm(gW, V)).sum(0);
+      out[kSigma] = gs.index_add(0, active, (gUa * ha).sum(0));
+    }
+    if (should_compute_output(kUa)) out[kUa] = at::mm(g.t(), ha);
+    if (should_compute_output(kVa)) out[kVa] = at::mm(x2.t(), gUa);
+    if (should_compute_output(kBias)) out[kBias] = g.sum(0);
+    return out;
+  }
+};
+
+at::Tensor sst_linear_autograd(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
+                               const at::Tensor& sigma, const at::Tensor& active,
+                               const at::Tensor& Ua, const at::Tensor& Va,
+                               const std::optional<at::Tensor>& bias) {
+  check_args(x, U, V, sigma, active, Ua, Va, bias);
+  at::Tensor y, ha;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(y, ha) = forward_2d(x.reshape({-1, x.size(-1)}), U, V, sigma, active, Ua, Va, bias);
+    y = out_shape(y, x);
+  }
+  if (torch::autograd::compute_requires_grad(x, sigma, Ua, Va, bias)) {
+    auto node = c10::make_intrusive<SSTLinearBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, sigma, Ua, Va, bias));
+    node->x_shape = x.sizes().vec();
+    node->x_ = SavedVariable(x, false);
+    node->U_ = SavedVariable(U, false);
+    node->V_ = SavedVariable(V, false);
+    node->sigma_ = SavedVariable(sigma, false);
+    node->active_ = SavedVariable(active, false);
+    node->Ua_ = SavedVariable(Ua, false);
+    node->Va_ = SavedVariable(Va, false);
+    node->ha_ = SavedVariable(ha, false);
+    torch::autograd::set_history(y, node);
+  }
+  return y;
+}
+
+// Autocast: every floating argument to the autocast dtype, then the operator again without autocast.
+template <c10::DispatchKey key, c10::DeviceType device>
+at::Tensor sst_linear_autocast(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
+                               const at::Tensor& sigma, const at::Tensor& active,
+                               const at::Tensor& Ua, const at::Tensor& Va,
+                               const std::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("relora::sst_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const std::optional<at::Tensor>&)>();
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  const at::ScalarType dt = at::autocast::get_autocast_dtype(device);
+  using at::autocast::cached_cast;
+  return op.call(cached_cast(dt, x, device), cached_cast(dt, U, device), cached_cast(dt, V, device),
+                 cached_cast(dt, sigma, device), active, cached_cast(dt, Ua, device),
+                 cached_cast(dt, Va, device), cached_cast(dt, bias, device));
+}
+
+}  // namespace
+}  // namespace relora
+
+TORCH_LIBRARY_FRAGMENT(relora, m) {
+  m.def("sst_linear(Tensor x, Tensor U, Tensor V, Tensor sigma, Tensor active, Tensor U_active, "
+        "Tensor V_active, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(relora, CompositeExplicitAutograd, m) {
+  m.impl("sst_linear", &relora::sst_linear);
+}
+
+TORCH_LIBRARY_IMPL(relora, Autograd, m) {
+  m.impl("sst_linear", &relora::sst_linear_autograd);
+}
+
+TORCH_LIBRARY_IMPL(relora, AutocastCPU, m) {
+  m.impl("sst_linear",
+         &relora::sst_linear_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(relora, AutocastCUDA, m) {
+  m.impl("sst_linear",
+         &relora::sst_linear_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>);
+}
