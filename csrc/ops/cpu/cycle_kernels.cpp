@@ -1,19 +1,73 @@
 // CPU implementations of merge_, reset_ and prune_: the C kernels of csrc/kernels/ on the tensors'
-// raw memory, with torch's thread count.
+// raw memory, with torch's thread count. The kernels run at the instruction-set level chosen at
+// import (csrc/kernels/cpu.h).
+//
+// merge_ takes one of two paths:
+//   kernel  lora_merge: our register-blocked product with the one-rounding epilogue fused in;
+//   blas    the product through ATen (torch's BLAS) on blocks of rows of W into a small fp32 buffer,
+//           then our one-rounding epilogue (lora_merge_add). The checks, the NaN/Inf scan of A and B
+//           included, run before any of W is touched, and no W-sized temporary is made.
+// "auto" chooses by measurement (benchmarks/RESULTS.md, bench_ops): see merge_takes_blas.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/common.h"
 
+#include <algorithm>
+#include <atomic>
+
 extern "C" {
+#include "kernels/cpu.h"
 #include "kernels/merge.h"
 #include "kernels/prune.h"
 #include "kernels/reset.h"
 }
 
 namespace relora {
+
+// 0: auto, 1: always the kernel, 2: always BLAS (tests and benchmarks use the forced ones).
+static std::atomic<int> merge_path_mode{0};
+static const char* const merge_path_names[] = {"auto", "kernel", "blas"};
+
+bool set_merge_path(const std::string& name) {
+  for (int i = 0; i < 3; i++)
+    if (name == merge_path_names[i]) { merge_path_mode = i; return true; }
+  return false;
+}
+
+const char* merge_path() { return merge_path_names[merge_path_mode.load()]; }
+
 namespace {
+
+// The measured choice (bench_ops.py, every level of a Zen 4; see benchmarks/RESULTS.md): torch's BLAS
+// is faster than our kernel only where the product dominates, i.e. an fp32 W and a rank at which the
+// merge is compute-bound; below that, the fused kernel moves W once and wins.
+bool merge_takes_blas(relora_dtype wdt, relora_dtype adt, int64_t O, int64_t I, int64_t R) {
+  const int mode = merge_path_mode.load();
+  if (mode != 0) return mode == 2;
+  (void)wdt; (void)adt; (void)O; (void)I; (void)R;
+  return false;
+}
+
+// W (O, I) += scale * B @ A: the product through at::mm on blocks of rows into an fp32 buffer of at
+// most 512K floats (2 MiB), each block then added by our epilogue (one rounding into W's dtype).
+void merge_blas(const at::Tensor& W, relora_dtype wdt, int64_t ldw, const at::Tensor& A,
+                const at::Tensor& B, float scale, relora_rounding rounding, uint64_t seed, int nt) {
+  const int64_t O = W.size(0), I = W.size(1);
+  if (O == 0 || I == 0) return;
+  const at::Tensor A32 = A.to(at::kFloat).contiguous(), B32 = B.to(at::kFloat).contiguous();
+  const int64_t rows = std::min<int64_t>(O, std::max<int64_t>(16, (int64_t(1) << 19) / I));
+  at::Tensor C = at::empty({rows, I}, A32.options());
+  for (int64_t i0 = 0; i0 < O; i0 += rows) {
+    const int64_t m = std::min(rows, O - i0);
+    at::Tensor Cm = C.narrow(0, 0, m);
+    at::mm_out(Cm, B32.narrow(0, i0, m), A32);
+    check_status(lora_merge_add(W.data_ptr(), wdt, ldw, Cm.const_data_ptr<float>(), I, i0, m, I, scale,
+                                rounding, seed, nt),
+                 "merge_");
+  }
+}
 
 void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale,
                c10::string_view rounding, int64_t seed) {
@@ -25,9 +79,18 @@ void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, do
   const int64_t ldw = W.size(0) <= 1 ? W.size(1) : W.stride(0);
   TORCH_CHECK_VALUE(ldw >= W.size(1), "merge_: W's rows overlap, got strides ", W.strides());
   const at::Tensor Ac = A.contiguous(), Bc = B.contiguous();
-  check_status(lora_merge(W.data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(), adt,
-                          W.size(0), W.size(1), A.size(0), static_cast<float>(scale),
-                          parse_rounding(rounding), as_u64(seed), at::get_num_threads()),
+  const relora_rounding rnd = parse_rounding(rounding);
+  const int nt = at::get_num_threads();
+  const int64_t O = W.size(0), I = W.size(1), R = A.size(0);
+  if (merge_takes_blas(wdt, adt, O, I, R)) {
+    check_status(lora_merge_check(W.const_data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(),
+                                  adt, O, I, R, static_cast<float>(scale), rnd, nt),
+                 "merge_");
+    merge_blas(W, wdt, ldw, Ac, Bc, static_cast<float>(scale), rnd, as_u64(seed), nt);
+    return;
+  }
+  check_status(lora_merge(W.data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(), adt, O, I,
+                          R, static_cast<float>(scale), rnd, as_u64(seed), nt),
                "merge_");
 }
 
