@@ -115,10 +115,10 @@ relora_status lora_merge_check(const void *W, relora_dtype wdtype, int64_t ldw, 
 }
 
 relora_status lora_merge_add(void *W, relora_dtype wdtype, int64_t ldw, const float *C, int64_t ldc,
-                             int64_t row0, int64_t rows, int64_t I, float scale,
-                             relora_rounding rounding, uint64_t seed, int nthreads)
+                             int64_t row0, int64_t rows, int64_t col0, int64_t cols, int64_t I,
+                             float scale, relora_rounding rounding, uint64_t seed, int nthreads)
 {
-    return kt()->merge_add(W, wdtype, ldw, C, ldc, row0, rows, I, scale, rounding, seed, nthreads);
+    return kt()->merge_add(W, wdtype, ldw, C, ldc, row0, rows, col0, cols, I, scale, rounding, seed, nthreads);
 }
 
 relora_status normal_fill(void *x, relora_dtype dtype, int64_t n, float std, uint64_t seed,

@@ -17,7 +17,7 @@ typedef struct {
     relora_status (*merge_check)(const void *, relora_dtype, int64_t, const void *, const void *,
                                  relora_dtype, int64_t, int64_t, int64_t, float, relora_rounding, int);
     relora_status (*merge_add)(void *, relora_dtype, int64_t, const float *, int64_t, int64_t, int64_t,
-                               int64_t, float, relora_rounding, uint64_t, int);
+                               int64_t, int64_t, int64_t, float, relora_rounding, uint64_t, int);
     relora_status (*fill)(void *, relora_dtype, int64_t, float, uint64_t, uint64_t, int);
     relora_status (*reset)(void *, int64_t, void *, int64_t, relora_dtype, float, uint64_t, uint64_t, int);
     int64_t (*keep_count)(int64_t, double);

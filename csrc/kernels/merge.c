@@ -553,28 +553,37 @@ relora_status lora_merge_check(const void *W, relora_dtype wdtype, int64_t ldw,
 }
 
 relora_status lora_merge_add(void *W, relora_dtype wdtype, int64_t ldw, const float *C, int64_t ldc,
-                             int64_t row0, int64_t rows, int64_t I,
+                             int64_t row0, int64_t rows, int64_t col0, int64_t cols, int64_t I,
                              float scale, relora_rounding rounding, uint64_t seed, int nthreads)
 {
     if (!dtype_valid(wdtype) || (rounding != RELORA_ROUND_NEAREST && rounding != RELORA_ROUND_STOCHASTIC))
         return RELORA_ERR_ARG;
-    if (row0 < 0 || rows < 0 || I < 0 || ldw < I || ldc < I || !isfinite(scale)) return RELORA_ERR_ARG;
-    if (rows == 0 || I == 0) return RELORA_OK;
+    if (row0 < 0 || rows < 0 || col0 < 0 || cols < 0 || col0 > I - cols || ldw < I || ldc < cols ||
+        !isfinite(scale))
+        return RELORA_ERR_ARG;
+    if (rows == 0 || cols == 0) return RELORA_OK;
     if (W == NULL || C == NULL) return RELORA_ERR_ARG;
     const int stochastic = rounding == RELORA_ROUND_STOCHASTIC && wdtype != RELORA_F32;
     const int64_t wes = (int64_t)relora_dtype_size(wdtype);
     const int nt = relora_threads(nthreads);
-    const int64_t nseg = (I + NR - 1) / NR;
+    const int64_t nseg = (cols + NR - 1) / NR;
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (rows * I > 65536)
+#pragma omp parallel for schedule(static) num_threads(nt) if (rows * cols > 65536)
     for (int64_t r = 0; r < rows; r++) {
         uint32_t words[NR];
         const int64_t i = row0 + r;
+        if (wdtype == RELORA_F32) { /* the one rounding of apply_row, on the whole row */
+            float *restrict o = (float *)W + i * ldw + col0;
+            const float *restrict c = C + r * ldc;
+            for (int64_t j = 0; j < cols; j++) o[j] = o[j] + scale * c[j];
+            continue;
+        }
         for (int64_t s = 0; s < nseg; s++) {
-            const int64_t j0 = s * NR;
-            const int n = I - j0 < NR ? (int)(I - j0) : NR;
+            const int64_t j0 = col0 + s * NR;
+            const int n = col0 + cols - j0 < NR ? (int)(col0 + cols - j0) : NR;
             if (stochastic) philox_words(seed, 0, (uint64_t)i * (uint64_t)I + (uint64_t)j0, n, words);
-            apply_row((char *)W + (i * ldw + j0) * wes, wdtype, n, C + r * ldc + j0, scale, stochastic, words);
+            apply_row((char *)W + (i * ldw + j0) * wes, wdtype, n, C + r * ldc + s * NR, scale, stochastic,
+                      words);
         }
     }
     return RELORA_OK;

@@ -48,13 +48,14 @@ relora_status lora_merge_check(const void *W, relora_dtype wdtype, int64_t ldw,
                                int64_t O, int64_t I, int64_t R,
                                float scale, relora_rounding rounding, int nthreads);
 
-/* The epilogue alone: rows row0 .. row0+rows-1 of W (O, I), row stride ldw, become
- *   W[i, j] = round(W[i, j] + scale * C[i - row0, j])
- * with C (rows, I) fp32, row stride ldc >= I, and the rounding of lora_merge (the same fp32 add, the same
- * Philox word (i*I + j) of stream (seed, 0) for stochastic rounding). With C = B[row0 : row0+rows] @ A
- * summed in fp32 the result is what lora_merge gives up to the order of the sum. No NaN/Inf check. */
+/* The epilogue alone, on the block of W (O, I) at rows row0 .. row0+rows-1, columns col0 .. col0+cols-1
+ * (row stride ldw >= I):
+ *   W[i, j] = round(W[i, j] + scale * C[i - row0, j - col0])
+ * with C (rows, cols) fp32, row stride ldc >= cols, and the rounding of lora_merge (the same fp32 add,
+ * the same Philox word (i*I + j) of stream (seed, 0) for stochastic rounding). With C the block of
+ * B @ A summed in fp32, the result is lora_merge's up to the order of the sum. No NaN/Inf check. */
 relora_status lora_merge_add(void *W, relora_dtype wdtype, int64_t ldw, const float *C, int64_t ldc,
-                             int64_t row0, int64_t rows, int64_t I,
+                             int64_t row0, int64_t rows, int64_t col0, int64_t cols, int64_t I,
                              float scale, relora_rounding rounding, uint64_t seed, int nthreads);
 
 #endif

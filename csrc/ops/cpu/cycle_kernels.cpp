@@ -40,33 +40,42 @@ const char* merge_path() { return merge_path_names[merge_path_mode.load()]; }
 
 namespace {
 
-// The measured choice (bench_ops.py, every level of a Zen 4; see benchmarks/RESULTS.md): torch's BLAS
-// is faster than our kernel only where the product dominates, i.e. an fp32 W and a rank at which the
-// merge is compute-bound; below that, the fused kernel moves W once and wins.
+// The measured choice (bench_ops.py at every level of a Zen 4, benchmarks/RESULTS.md): from avx2 up our
+// fused kernel matches or beats torch's BLAS at every rank, so it always runs. At the baseline level
+// (SSE2, no FMA) our kernel is limited to 4-lane mul + add while torch's BLAS still uses the best
+// instructions the CPU has: there the BLAS product wins once the merge is compute-bound (r >= 32),
+// for every dtype of W; below that the kernel, which moves W once, is as fast or faster.
 bool merge_takes_blas(relora_dtype wdt, relora_dtype adt, int64_t O, int64_t I, int64_t R) {
+  (void)wdt; (void)adt; (void)O; (void)I;
   const int mode = merge_path_mode.load();
   if (mode != 0) return mode == 2;
-  (void)wdt; (void)adt; (void)O; (void)I; (void)R;
-  return false;
+  return relora_cpu_level() == RELORA_CPU_DEFAULT && R >= 32;
 }
 
-// W (O, I) += scale * B @ A: the product through at::mm on blocks of rows into an fp32 buffer of at
-// most 512K floats (2 MiB), each block then added by our epilogue (one rounding into W's dtype).
+// W (O, I) += scale * B @ A: W is cut into tiles of at most TILE x TILE, spread over torch's threads;
+// each thread computes a tile's product with at::mm (torch's BLAS, single-threaded inside the parallel
+// region) into its own fp32 buffer (256 KB: it stays in L2 while our epilogue adds it into W with one
+// rounding). Square tiles keep BLAS's packing of A and B small next to the tile's flops.
 void merge_blas(const at::Tensor& W, relora_dtype wdt, int64_t ldw, const at::Tensor& A,
-                const at::Tensor& B, float scale, relora_rounding rounding, uint64_t seed, int nt) {
+                const at::Tensor& B, float scale, relora_rounding rounding, uint64_t seed) {
+  constexpr int64_t TILE = 256;
   const int64_t O = W.size(0), I = W.size(1);
   if (O == 0 || I == 0) return;
   const at::Tensor A32 = A.to(at::kFloat).contiguous(), B32 = B.to(at::kFloat).contiguous();
-  const int64_t rows = std::min<int64_t>(O, std::max<int64_t>(16, (int64_t(1) << 19) / I));
-  at::Tensor C = at::empty({rows, I}, A32.options());
-  for (int64_t i0 = 0; i0 < O; i0 += rows) {
-    const int64_t m = std::min(rows, O - i0);
-    at::Tensor Cm = C.narrow(0, 0, m);
-    at::mm_out(Cm, B32.narrow(0, i0, m), A32);
-    check_status(lora_merge_add(W.data_ptr(), wdt, ldw, Cm.const_data_ptr<float>(), I, i0, m, I, scale,
-                                rounding, seed, nt),
-                 "merge_");
-  }
+  const int64_t n_i = (O + TILE - 1) / TILE, n_j = (I + TILE - 1) / TILE;
+  void* const w = W.data_ptr();
+  at::parallel_for(0, n_i * n_j, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor C = at::empty({TILE, TILE}, A32.options());
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t i0 = (t / n_j) * TILE, j0 = (t % n_j) * TILE;
+      const int64_t m = std::min(TILE, O - i0), n = std::min(TILE, I - j0);
+      at::Tensor Cmn = C.view({-1}).narrow(0, 0, m * n).view({m, n});
+      at::mm_out(Cmn, B32.narrow(0, i0, m), A32.narrow(1, j0, n));
+      check_status(lora_merge_add(w, wdt, ldw, Cmn.const_data_ptr<float>(), n, i0, m, j0, n, I, scale,
+                                  rounding, seed, 1),
+                   "merge_");
+    }
+  });
 }
 
 void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale,
@@ -86,7 +95,7 @@ void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, do
     check_status(lora_merge_check(W.const_data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(),
                                   adt, O, I, R, static_cast<float>(scale), rnd, nt),
                  "merge_");
-    merge_blas(W, wdt, ldw, Ac, Bc, static_cast<float>(scale), rnd, as_u64(seed), nt);
+    merge_blas(W, wdt, ldw, Ac, Bc, static_cast<float>(scale), rnd, as_u64(seed));
     return;
   }
   check_status(lora_merge(W.data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(), adt, O, I,
