@@ -7,9 +7,9 @@
  *            avx512:"-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq" \
  *            avx512_bf16:"-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16"; do
  *     for f in merge prune reset philox table; do
- *       gcc -O3 -std=c11 -fopenmp -Wno-psabi ${l#*:} -DRELORA_LEVEL=${l%%:*} -c csrc/kernels/$f.c -o /tmp/${f}_${l%%:*}.o
+ *       gcc -O3 -std=c11 -fopenmp -Wno-psabi ${l#*:} -DRELORA_LEVEL=${l%%:*} -c csrc/kernels/$f.c -o /tmp/relora_${f}_${l%%:*}.o
  *   done; done
- *   gcc -O3 -std=c11 -fopenmp -Icsrc/kernels benchmarks/bench_kernels_c.c csrc/kernels/common.c csrc/kernels/cpu.c /tmp/*_*.o -lm
+ *   gcc -O3 -std=c11 -fopenmp -Icsrc/kernels benchmarks/bench_kernels_c.c csrc/kernels/common.c csrc/kernels/cpu.c /tmp/relora_*.o -lm
  *   RELORA_CPU_CAPABILITY=avx2 ./a.out merge 4096 4096 64 0 0 2
  *   ./a.out merge O I R wdtype(0 f32, 1 bf16, 2 f16) rounding(0, 1) nthreads
  *   ./a.out prune n dtype ratio nthreads mode(0 magnitude, 1 random)
