@@ -350,6 +350,7 @@ def main():
         return
 
     t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
     if device == "cpu":
         levels = args.levels.split(",") if args.levels else list(_C._cpu_capabilities())
         results = []
@@ -384,7 +385,8 @@ def main():
              "`other path ms` is the path not taken, forced, for comparison.")
     text = "\n\n".join([
         f"## Native ops (issues 2, 10), {device}\n\n`{cmd}` — {cpu} ({flags}); "
-        f"{time.perf_counter() - t0:.0f} s.\n" + (
+        f"{time.perf_counter() - t0:.0f} s; 1-min load average at start {load0:.2f} (2 cores shared with "
+        "other jobs: a parallel region can wait a scheduler tick, ~8 ms, for a descheduled worker).\n" + (
             "Each level runs in its own process with `RELORA_CPU_CAPABILITY=<level>`, torch held to the "
             "same instructions (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`; `MKL_ENABLE_INSTRUCTIONS` is "
             "set but MKL does not lower itself on this AMD CPU). Roofline reached = max(bytes moved / "

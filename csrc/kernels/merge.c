@@ -83,6 +83,17 @@ static inline vf vbcast(float x)
 #endif
 }
 
+/* w + scale * c rounded once to fp32: a fused multiply-add where the level has one (the contraction
+ * below), else in double (the product of two floats is exact there, and the double sum rounded to fp32
+ * differs from the exact one only at ties of 2^-29 relative, never here in practice). */
+#if defined(__FMA__) || defined(__aarch64__)
+#define MERGE_HAS_FMA 1
+static inline float add_scaled(float w, float scale, float c) { return w + scale * c; }
+#else
+#define MERGE_HAS_FMA 0
+static inline float add_scaled(float w, float scale, float c) { return (float)((double)w + (double)scale * c); }
+#endif
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* argument checks and the non-finite scan */
 
@@ -395,9 +406,9 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
     case RELORA_F32: {
         float *restrict o = (float *)w;
         if (n == NR) {
-            for (int j = 0; j < NR; j++) o[j] = o[j] + scale * c[j];
+            for (int j = 0; j < NR; j++) o[j] = add_scaled(o[j], scale, c[j]);
         } else {
-            for (int j = 0; j < n; j++) o[j] = o[j] + scale * c[j];
+            for (int j = 0; j < n; j++) o[j] = add_scaled(o[j], scale, c[j]);
         }
         break;
     }
@@ -456,6 +467,12 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
  * row at the same column aliases it in the store buffer's 4K check and waits ("4K aliasing"). */
 static inline int apply_tile(char *w, relora_dtype wdt, int64_t ldw, const float *restrict c, float scale)
 {
+    if (wdt == RELORA_F32 && !MERGE_HAS_FMA) {
+        float *o = (float *)w;
+        for (int r = 0; r < MR; r++)
+            for (int j = 0; j < NR; j++) o[r * ldw + j] = add_scaled(o[r * ldw + j], scale, c[r * NR + j]);
+        return 1;
+    }
     if (wdt == RELORA_F32) {
         float *o = (float *)w;
         vf x[MR][NV];
@@ -575,7 +592,7 @@ relora_status lora_merge_add(void *W, relora_dtype wdtype, int64_t ldw, const fl
         if (wdtype == RELORA_F32) { /* the one rounding of apply_row, on the whole row */
             float *restrict o = (float *)W + i * ldw + col0;
             const float *restrict c = C + r * ldc;
-            for (int64_t j = 0; j < cols; j++) o[j] = o[j] + scale * c[j];
+            for (int64_t j = 0; j < cols; j++) o[j] = add_scaled(o[j], scale, c[j]);
             continue;
         }
         for (int64_t s = 0; s < nseg; s++) {
