@@ -4,8 +4,8 @@
 //
 // merge_ takes one of two paths:
 //   kernel  lora_merge: our register-blocked product with the one-rounding epilogue fused in;
-//   blas    the product through ATen (torch's BLAS) on blocks of rows of W into a small fp32 buffer,
-//           then our one-rounding epilogue (lora_merge_add). The checks, the NaN/Inf scan of A and B
+//   blas    the product through ATen (torch's BLAS) on 256 x 256 tiles of W, each into a per-thread
+//           fp32 buffer, then our one-rounding epilogue (lora_merge_add). The checks, the NaN/Inf scan of A and B
 //           included, run before any of W is touched, and no W-sized temporary is made.
 // "auto" chooses by measurement (benchmarks/RESULTS.md, bench_ops): see merge_takes_blas.
 #include <ATen/ATen.h>
