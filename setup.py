@@ -3,27 +3,63 @@ NumPy module `_numpy`, both linked against the same kernels.
 
 Build with `pip install --no-build-isolation -e .` after torch, numpy, setuptools, wheel and ninja
 are installed (see the README): a build-isolated install would download a CUDA torch.
-Set RELORA_PORTABLE=1 to build without -march=native (a binary to run on other CPUs).
+
+The kernels that do arithmetic (csrc/kernels/LEVELED) are compiled once per instruction-set level
+(x86-64: default, avx2, avx512, avx512_bf16; other architectures: default), each with its own -m flags
+and -DRELORA_LEVEL=<level> (csrc/kernels/level.h renames their symbols); csrc/kernels/cpu.c, compiled
+for the baseline, picks the level at run time (csrc/kernels/cpu.h). Nothing is built with -march=native,
+so a binary runs on any CPU of its architecture.
 """
 import glob
 import os
+import platform
 
 import numpy
 from setuptools import Extension, setup
+from setuptools.command.build_clib import build_clib as _build_clib
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-native = [] if os.environ.get("RELORA_PORTABLE") == "1" else ["-march=native"]
 openmp = ["-fopenmp"]
 
-# The kernels are C11, compiled as C by setuptools' build_clib, then linked into both modules.
+# Sources compiled once per level; every other csrc/kernels/*.c is compiled once.
+LEVELED = {"merge.c", "prune.c", "reset.c", "philox.c", "table.c"}
+X86_LEVELS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+    "avx512_bf16": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                    "-mavx512bf16"],
+}
+LEVELS = X86_LEVELS if platform.machine().lower() in ("x86_64", "amd64") else {"default": []}
+
+sources = sorted(glob.glob("csrc/kernels/*.c"))
 kernels = (
     "relora_kernels",
     {
-        "sources": sorted(glob.glob("csrc/kernels/*.c")),
+        "sources": sources,
         "include_dirs": ["csrc/kernels"],
-        "cflags": ["-O3", "-std=c11", "-fPIC", *native, *openmp],
+        "cflags": ["-O3", "-std=c11", "-fPIC", "-Wno-psabi", *openmp],
     },
 )
+
+
+class build_clib(_build_clib):
+    """setuptools' build_clib compiles a library with one flag set; compile the leveled sources once
+    per level (each into its own directory) and the rest once, into one static library."""
+
+    def build_libraries(self, libraries):
+        for name, info in libraries:
+            cflags = info.get("cflags", [])
+            leveled = [s for s in info["sources"] if os.path.basename(s) in LEVELED]
+            once = [s for s in info["sources"] if os.path.basename(s) not in LEVELED]
+            objects = self.compiler.compile(once, output_dir=self.build_temp, include_dirs=info["include_dirs"],
+                                            extra_postargs=cflags, debug=self.debug)
+            for level, flags in LEVELS.items():
+                objects += self.compiler.compile(
+                    leveled, output_dir=os.path.join(self.build_temp, "level_" + level),
+                    macros=[("RELORA_LEVEL", level)], include_dirs=info["include_dirs"],
+                    extra_postargs=cflags + flags, debug=self.debug)
+            self.compiler.create_static_lib(objects, name, output_dir=self.build_clib, debug=self.debug)
 
 
 class build_ext(BuildExtension):
@@ -60,5 +96,5 @@ setup(
             extra_link_args=openmp,
         ),
     ],
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": build_ext, "build_clib": build_clib},
 )

@@ -1,16 +1,21 @@
 """Benchmark the native ops against the PyTorch expressions they replace, side by side.
 
-    python benchmarks/bench_ops.py [--quick] [--write]
+    python benchmarks/bench_ops.py [--quick] [--write] [--levels default,avx2,...]
 
-Each comparison runs in one process, interleaving ours and the baselines, median of `--repeats`
-after a warm-up; ratios are ours / baseline (below 1 is faster). Peak memory of prune is measured in
-a fresh subprocess per method (peak RSS, VmHWM, minus the peak with the input alone).
-`--write` replaces the ops section of benchmarks/RESULTS.md with the tables printed.
+On CPU, every instruction-set level this machine can run (relora_ext.cpu_capability(); default: all of
+them) is measured in its own process, started with RELORA_CPU_CAPABILITY=<level> and torch held to the
+same instructions (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), as on a CPU of
+that level. Each comparison runs in one process, interleaving ours and the baselines, median of
+`--repeats` after a warm-up; ratios are ours / baseline (below 1 is faster). A baseline whose first
+call (timed on a slice of W) projects to more than `--budget` seconds is not repeated. Peak memory of
+prune is measured in a fresh subprocess per method (peak RSS, VmHWM, minus the peak with the input
+alone), except with --quick. `--write` replaces the ops section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -19,16 +24,20 @@ import subprocess
 import sys
 import time
 
-# On small VMs, OpenMP threads that spin after a parallel region (libgomp's default) steal the
-# cores from the next region and add ~8 ms stalls to torch and to us alike; passive waiting avoids
-# that. It must be set before libgomp loads, so before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
+import relora_ext
+from _report import context, cpu_model, table, write_section
+from relora_ext import _C, ops
 
-from _report import context, table, write_section  # noqa: E402
-from relora_ext import ops  # noqa: E402
-
+# torch held to a level's instructions, as on a CPU that has no more (MKL may ignore its variable).
+TORCH_CAPS = {
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "avx512_bf16": {},
+}
 
 
 def timeit(fns: dict, repeats: int, sync=lambda: None) -> dict:
@@ -36,6 +45,8 @@ def timeit(fns: dict, repeats: int, sync=lambda: None) -> dict:
     for f in fns.values():
         f()
     sync()
+    if not fns:
+        return {}
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
@@ -46,16 +57,23 @@ def timeit(fns: dict, repeats: int, sync=lambda: None) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def machine_peaks(repeats: int, device, sync) -> tuple[float, dict]:
-    """Memory bandwidth (bytes/s, a 512 MiB copy) and GEMM peaks (flop/s of a 4096^3 torch.mm) for
-    fp32 and bf16 inputs; fp16 inputs are held to the fp32 peak (both we and a CPU convert them)."""
-    src = torch.empty(128 << 20, device=device)
+def machine_peaks(repeats: int, device, sync, small=False) -> tuple[float, dict]:
+    """Memory bandwidth (bytes/s, a 512 MiB copy; 64 MiB if small) and GEMM peaks (flop/s of a 4096^3
+    torch.mm; 1024^3 if small) for fp32 and bf16 inputs; fp16 inputs are held to the fp32 peak (both we
+    and a CPU convert them). The bf16 product uses fp32 when torch's own bf16 GEMM is slower (a level
+    without bf16 instructions: oneDNN's fallback is a reference loop)."""
+    n = 1024 if small else 4096
+    src = torch.empty((16 if small else 128) << 20, device=device)
     dst = torch.empty_like(src)
-    a, b = torch.randn(4096, 4096, device=device), torch.randn(4096, 4096, device=device)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a16, b16 = a[:256, :256].bfloat16(), b[:256, :256].bfloat16()
+    t0 = time.perf_counter()
+    torch.mm(a16, b16)
+    slow16 = (time.perf_counter() - t0) * (n / 256) ** 3 > 2.0
     a16, b16 = a.bfloat16(), b.bfloat16()
     t = timeit({"copy": lambda: dst.copy_(src), "mm": lambda: torch.mm(a, b),
-                "mm16": lambda: torch.mm(a16, b16)}, repeats, sync)
-    peak = {torch.float32: 2 * 4096 ** 3 / t["mm"], torch.bfloat16: 2 * 4096 ** 3 / t["mm16"]}
+                **({} if slow16 else {"mm16": lambda: torch.mm(a16, b16)})}, repeats, sync)
+    peak = {torch.float32: 2 * n ** 3 / t["mm"], torch.bfloat16: 2 * n ** 3 / t.get("mm16", t["mm"])}
     peak[torch.float16] = peak[torch.float32] if device == "cpu" else peak[torch.bfloat16]
     return 2 * src.numel() * 4 / t["copy"], peak
 
@@ -64,7 +82,7 @@ def machine_peaks(repeats: int, device, sync) -> tuple[float, dict]:
 # merge
 
 
-def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync):
+def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync, budget):
     rows = []
     for (out, in_) in shapes:
         for dtype in dtypes:
@@ -75,38 +93,75 @@ def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync):
                 B = (torch.randn(out, r, generator=g) * 1e-2).to(device, dtype)
                 s = 1.0 / r
                 W = W0.clone()
-                fns = {
-                    "ours": lambda: ops.merge_(W, A, B, s),
-                    "addmm_": lambda: W.addmm_(B, A, alpha=s),
-                    "+= s*(B@A)": lambda: W.add_(s * (B @ A)),
+                path = merge_path(dtype, r) if device == "cpu" else "portable"
+
+                def forced(p):
+                    def f(W=W):
+                        _C._set_merge_path(p)
+                        try:
+                            ops.merge_(W, A, B, s)
+                        finally:
+                            _C._set_merge_path("auto")
+                    return f
+
+                torch_exprs = {
+                    "addmm_": lambda W=W, B=B: W.addmm_(B, A, alpha=s),
+                    "+= s*(B@A)": lambda W=W, B=B: W.add_(s * (B @ A)),
                 }
+                if dtype != torch.float32:  # one rounding through fp32 (torch's BLAS in fp32)
+                    torch_exprs["fp32 round trip"] = lambda W=W, B=B: W.copy_(
+                        torch.addmm(W.float(), B.float(), A.float(), alpha=s))
+                fns = {"ours": lambda: ops.merge_(W, A, B, s)}
+                if device == "cpu":
+                    fns["other path"] = forced("blas" if path == "kernel" else "kernel")
+                skipped = {}
+                for name, f in torch_exprs.items():  # project the first call from a slice of W
+                    m = min(out, 128)
+                    Ws, Bs = W0[:m].clone(), B[:m]
+                    t0 = time.perf_counter()
+                    f(Ws, Bs)
+                    sync()
+                    est = (time.perf_counter() - t0) * out / m
+                    if est > budget:
+                        skipped[name] = est
+                    else:
+                        fns[name] = f
                 t = timeit(fns, repeats, sync)
-                # Error of one merge against float64, ours vs torch's addmm_ in W's dtype.
+                # Error of one merge against float64, ours vs torch's expressions in W's dtype.
                 exact = W0.double() + s * (B.double() @ A.double())
-                Wo, Wt, Wp = W0.clone(), W0.clone(), W0.clone()
-                ops.merge_(Wo, A, B, s)
-                Wt.addmm_(B, A, alpha=s)
-                Wp.add_(s * (B @ A))
-                err = {k: (v.double() - exact).abs().max().item()
-                       for k, v in (("ours", Wo), ("addmm_", Wt), ("+=", Wp))}
-                # Share of entries that differ from the correctly rounded exact result.
                 rne = exact.to(dtype)
-                wrong = {k: (v != rne).double().mean().item()
-                         for k, v in (("ours", Wo), ("addmm_", Wt), ("+=", Wp))}
+                err, wrong = {}, {}
+                for name, f in [("ours", lambda W: ops.merge_(W, A, B, s)),
+                                *[(k, v) for k, v in torch_exprs.items() if k not in skipped]]:
+                    Wx = W0.clone()
+                    f(Wx) if name == "ours" else f(Wx, B)
+                    err[name] = (Wx.double() - exact).abs().max().item()
+                    wrong[name] = (Wx != rne).double().mean().item()
                 nbytes = 2 * W.numel() * W.element_size() + (A.numel() + B.numel()) * A.element_size()
                 bound = max(nbytes / bandwidth, 2 * out * in_ * r / peak[dtype])
-                best = min(t["addmm_"], t["+= s*(B@A)"])
-                rows.append([f"{out}x{in_}", str(dtype).replace("torch.", ""), r,
-                             f"{t['ours'] * 1e3:.2f}", f"{t['addmm_'] * 1e3:.2f}",
-                             f"{t['+= s*(B@A)'] * 1e3:.2f}", f"{t['ours'] / best:.2f}",
-                             f"{bound / t['ours']:.0%}", f"{err['ours']:.2e}", f"{err['addmm_']:.2e}",
-                             f"{err['+=']:.2e}", f"{wrong['ours']:.3%}",
-                             f"{wrong['addmm_']:.3%}", f"{wrong['+=']:.3%}"])
+                timed = [k for k in torch_exprs if k not in skipped]
+                best = min(timed, key=lambda k: t[k]) if timed else None
+                ms = lambda k: (f"{t[k] * 1e3:.2f}" if k in t else
+                                f"> {budget:.0f} s (≈{skipped[k]:.0f} s)" if k in skipped else "-")
+                pct = lambda k: f"{wrong[k]:.3%}" if k in wrong else "-"
+                rows.append([f"{out}x{in_}", str(dtype).replace("torch.", ""), r, path, ms("ours"),
+                             ms("other path"), ms("addmm_"), ms("+= s*(B@A)"), ms("fp32 round trip"),
+                             f"{t['ours'] / t['addmm_']:.2f}" if "addmm_" in t else "-",
+                             f"{t['ours'] / t[best]:.2f} ({best})" if best else "-",
+                             f"{bound / t['ours']:.0%}", f"{err['ours']:.2e}",
+                             f"{err['addmm_']:.2e}" if "addmm_" in err else "-",
+                             pct("ours"), pct("addmm_"), pct("+= s*(B@A)"), pct("fp32 round trip")])
                 print(" | ".join(map(str, rows[-1])), flush=True)
-    head = ["W", "dtype", "r", "ours ms", "addmm_ ms", "+= s*(B@A) ms", "ours/best torch",
-            "roofline reached", "max err ours", "max err addmm_", "max err +=",
-            "misrounded ours", "misrounded addmm_", "misrounded +="]
+    head = ["W", "dtype", "r", "path", "ours ms", "other path ms", "addmm_ ms", "+= s*(B@A) ms",
+            "fp32 round trip ms", "ours/addmm_", "ours/best torch", "roofline reached", "max err ours",
+            "max err addmm_", "misrounded ours", "misrounded addmm_", "misrounded +=",
+            "misrounded fp32 round trip"]
     return head, rows
+
+
+def merge_path(dtype, r) -> str:
+    """The path merge_ takes on CPU at the level that runs (csrc/ops/cpu/cycle_kernels.cpp)."""
+    return "blas" if relora_ext.cpu_capability() == "default" and r >= 32 else "kernel"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +204,7 @@ def prune_child(method: str, n: int) -> None:
         print("refused: " + str(e).splitlines()[0][:60])
 
 
-def bench_prune(sizes, repeats, device, sync):
+def bench_prune(sizes, repeats, device, sync, memory=True):
     rows = []
     for n in sizes:
         x0 = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
@@ -166,7 +221,9 @@ def bench_prune(sizes, repeats, device, sync):
         ms = {k: (t[k] - t["copy only"]) * 1e3 for k in fns if k != "copy only"}
         mem = {}
         for name in PRUNERS:
-            if device == "cpu":
+            if not memory:
+                mem[name] = "-"
+            elif device == "cpu":
                 mem[name] = subprocess.run(
                     [sys.executable, __file__, "--prune-child", name, str(n)],
                     capture_output=True, text=True, check=True).stdout.strip()
@@ -212,48 +269,134 @@ def bench_reset(shapes, repeats, device, sync):
 
 
 
+def run_level(args, device) -> dict:
+    """Every benchmark at the level that runs in this process; the tables and the context."""
+    if args.quick:
+        shapes, ranks, sizes, reps = [(512, 768)], [8, 64], [1 << 20], 3
+        reset_shapes = [(512, 768, 8)]
+    else:
+        shapes, ranks, sizes, reps = [(4096, 4096), (2048, 5632)], [8, 64, 256], \
+            [1 << 20, 16 << 20, 64 << 20], args.repeats
+        reset_shapes = [(4096, 4096, 64), (2048, 5632, 256)]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    bandwidth, peak = machine_peaks(reps, device, sync, small=args.quick)
+    level = relora_ext.cpu_capability()
+    extra = [torch.cuda.get_device_name()] if device != "cpu" else [
+        f"relora level {level} (torch: ATen {torch.backends.cpu.get_cpu_capability()}"
+        + "".join(f", {k}={v}" for k, v in TORCH_CAPS.get(level, {}).items() if k != "ATEN_CPU_CAPABILITY")
+        + ")"]
+    ctx = context(*extra)
+    size = 1024 if args.quick else 4096
+    peaks = (f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (a copy), GEMM peak "
+             f"{peak[torch.float32] / 1e9:.0f} GFLOP/s fp32 and {peak[torch.bfloat16] / 1e9:.0f} "
+             f"GFLOP/s bf16 (a {size}³ `torch.mm`)")
+    print(f"{ctx}\n{peaks}", flush=True)
+    return {
+        "level": level, "ctx": ctx, "peaks": peaks, "reps": reps,
+        "merge": bench_merge(shapes, ranks, [torch.float32, torch.bfloat16, torch.float16], reps,
+                             bandwidth, peak, device, sync, args.budget),
+        "prune": bench_prune(sizes, reps, device, sync, memory=not args.quick),
+        "reset": bench_reset(reset_shapes, reps, device, sync),
+    }
+
+
+def level_text(res) -> str:
+    return "\n\n".join([
+        f"### level `{res['level']}`\n\n{res['ctx']}.\nMeasured in the same run: {res['peaks']}. "
+        f"Median of {res['reps']} interleaved repeats.",
+        "#### merge: `W += s·B·A` (A, B in W's dtype)\n\n" + table(*res["merge"]),
+        "#### prune: magnitude, p = 0.99, fp32\n\n" + table(*res["prune"]),
+        "#### reset: `B ← 0, A ← N(0, σ²)`\n\n" + table(*res["reset"]),
+    ])
+
+
+def summary(results) -> str:
+    """One line per level: the worst ratios of the goals (issue 10)."""
+    head = ["level", "merge fp32: worst ours/addmm_", "merge bf16: worst ours/best torch",
+            "bf16 misrounded ours (max)", "prune/kthvalue (largest n)", "reset/normal_ (worst)"]
+    rows = []
+    for res in results:
+        h, m = res["merge"]
+        col = {k: i for i, k in enumerate(h)}
+        f32 = [float(r[col["ours/addmm_"]]) for r in m if r[1] == "float32" and r[col["ours/addmm_"]] != "-"]
+        b16 = [float(r[col["ours/best torch"]].split()[0]) for r in m
+               if r[1] == "bfloat16" and r[col["ours/best torch"]] != "-"]
+        mis = [float(r[col["misrounded ours"]].rstrip("%")) for r in m if r[1] == "bfloat16"]
+        p = res["prune"][1][-1][4]
+        rs = max(float(r[3]) for r in res["reset"][1])
+        rows.append([res["level"], f"{max(f32):.2f}" if f32 else "-", f"{max(b16):.2f}" if b16 else "-",
+                     f"{max(mis):.3f}%" if mis else "-", p, f"{rs:.2f}"])
+    return table(head, rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run (under a minute)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu, or cuda for the portable ATen path")
+    p.add_argument("--levels", default=None, help="comma-separated CPU levels (default: all this CPU runs)")
+    p.add_argument("--budget", type=float, default=3.0, help="seconds: slower baselines are not repeated")
     p.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     p.add_argument("--prune-child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--level-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.prune_child:
         return prune_child(args.prune_child[0], int(args.prune_child[1]))
-
-    if args.quick:
-        shapes, ranks, sizes, reps = [(512, 768)], [8, 64], [1 << 20], 3
-    else:
-        shapes, ranks, sizes, reps = [(4096, 4096), (2048, 5632)], [8, 64, 256], \
-            [1 << 20, 16 << 20, 64 << 20], args.repeats
     device = args.device
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    bandwidth, peak = machine_peaks(reps, device, sync)
-    ctx = context(*([torch.cuda.get_device_name()] if device != "cpu" else []))
-    peaks = (f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (a 512 MiB copy), GEMM peak "
-             f"{peak[torch.float32] / 1e9:.0f} GFLOP/s fp32 and {peak[torch.bfloat16] / 1e9:.0f} "
-             "GFLOP/s bf16 (a 4096³ `torch.mm`)")
-    print(f"{ctx}\n{peaks}")
-    merge = bench_merge(shapes, ranks, [torch.float32, torch.bfloat16, torch.float16], reps,
-                        bandwidth, peak, device, sync)
-    prune = bench_prune(sizes, reps, device, sync)
-    reset = bench_reset([(4096, 4096, 64), (2048, 5632, 256)] if not args.quick
-                        else [(512, 768, 8)], reps, device, sync)
+    if args.level_child:
+        print("RESULT " + json.dumps(run_level(args, device)), flush=True)
+        return
+
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    if device == "cpu":
+        levels = args.levels.split(",") if args.levels else list(_C._cpu_capabilities())
+        results = []
+        for level in levels:
+            env = dict(os.environ, RELORA_CPU_CAPABILITY=level, **TORCH_CAPS[level])
+            child = [a for a in sys.argv[1:] if a != "--write"]
+            proc = subprocess.Popen([sys.executable, __file__, "--level-child", *child], env=env,
+                                    stdout=subprocess.PIPE, text=True)
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    results.append(json.loads(line[7:]))
+                else:
+                    print(line, end="", flush=True)
+            if proc.wait() != 0:
+                raise SystemExit(f"bench_ops: level {level} failed")
+    else:
+        results = [run_level(args, device)]
     cmd = " ".join(["python benchmarks/bench_ops.py"] + sys.argv[1:])
+    cpu = cpu_model()
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = set(next(line for line in f if line.startswith("flags")).split()[2:])
+        flags = ", ".join(x for x in ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                                      "avx512_bf16", "amx_bf16"] if x in have)
+    except (OSError, StopIteration):
+        pass
+    paths = ("Merge path on CPU (`path` column, csrc/ops/cpu/cycle_kernels.cpp), chosen from these "
+             "measurements: `kernel` (our fused product + one-rounding epilogue) everywhere from avx2 up; "
+             "at the `default` level `blas` (torch's BLAS product on 256×256 tiles + our one-rounding "
+             "epilogue) for r ≥ 32, because torch's BLAS keeps using the CPU's best instructions there. "
+             "`other path ms` is the path not taken, forced, for comparison.")
     text = "\n\n".join([
-        f"## Native ops (issue 2), {device}\n\n`{cmd}` — {ctx}.\n"
-        f"Measured in the same run: {peaks}. Median of {reps} interleaved repeats.",
-        "### merge: `W += s·B·A` (A, B in W's dtype)\n\n"
-        "Roofline reached = max(bytes moved / bandwidth, flops / GEMM peak of the dtype) / our time. "
-        "Errors: max |W − exact| after one merge, exact in float64; misrounded: share of entries "
-        "that differ from the exact result rounded once to nearest.\n\n" + table(*merge),
-        "### prune: magnitude, p = 0.99, fp32\n\nTimes exclude restoring the input. Extra peak "
-        "MiB: peak RSS of a fresh process minus its RSS with the input alone.\n\n" + table(*prune),
-        "### reset: `B ← 0, A ← N(0, σ²)`\n\n" + table(*reset),
+        f"## Native ops (issues 2, 10), {device}\n\n`{cmd}` — {cpu} ({flags}); "
+        f"{time.perf_counter() - t0:.0f} s; 1-min load average at start {load0:.2f} (2 cores shared with "
+        "other jobs: a parallel region can wait a scheduler tick, ~8 ms, for a descheduled worker).\n" + (
+            "Each level runs in its own process with `RELORA_CPU_CAPABILITY=<level>`, torch held to the "
+            "same instructions (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`; `MKL_ENABLE_INSTRUCTIONS` is "
+            "set but MKL does not lower itself on this AMD CPU). Roofline reached = max(bytes moved / "
+            "bandwidth, flops / GEMM peak of the dtype) / our time. Errors: max |W − exact| after one merge, "
+            "exact in float64; misrounded: share of entries that differ from the exact result rounded once "
+            "to nearest. Prune times exclude restoring the input; extra peak MiB: peak RSS of a fresh "
+            "process minus its RSS with the input alone." if device == "cpu" else ""),
+        "### Summary per level\n\n" + summary(results),
+        paths,
+        *[level_text(r) for r in results],
     ])
     print(text)
     if args.write:

@@ -11,6 +11,29 @@ multi-process support (DDP consistency checks, FSDP2 shard-wise merge and prune)
 import torch  # noqa: F401  (loads libtorch before _C links against it)
 
 from . import _C  # noqa: F401  (registers torch.ops.relora.*)
+
+# The C kernels are built for several instruction-set levels; the first use picks one from the CPU's
+# features, or the lower one RELORA_CPU_CAPABILITY names. Pick it now, at import (a level the CPU lacks is
+# refused with a message on stderr, and the best one runs).
+_C._cpu_capability()
+
+
+def cpu_capability() -> str:
+    """The instruction-set level the CPU kernels run: ``"default"``, ``"avx2"``, ``"avx512"`` or
+    ``"avx512_bf16"`` (only ``"default"`` off x86-64).
+
+    The highest level the CPU supports, unless the environment variable ``RELORA_CPU_CAPABILITY``
+    (read at import) names a lower one, as PyTorch's ``ATEN_CPU_CAPABILITY`` does for ATen.
+
+    Example::
+
+        >>> import relora_ext
+        >>> relora_ext.cpu_capability() in ("default", "avx2", "avx512", "avx512_bf16")
+        True
+    """
+    return _C._cpu_capability()
+
+
 from . import ops
 from .analysis import TrainingStats, UpdateTracker, effective_rank, optimizer_state_bytes, update_spectrum
 from .checkpoint import (atomic_save, load_adapters, load_checkpoint, load_sharded, save_adapters, save_checkpoint,
@@ -22,7 +45,7 @@ from .schedule import JaggedCosineLR
 from .sst import SSTLinear
 
 __all__ = [
-    "ops", "LoRALinear", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters",
+    "ops", "cpu_capability", "LoRALinear", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters",
     "SSTLinear", "ReLoRAOptimizer", "CycleRefused", "JaggedCosineLR",
     "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "save_adapters", "load_adapters",
     "atomic_save", "save_pretrained", "merged_state_dict", "export_peft_adapter", "ReLoRACallback",

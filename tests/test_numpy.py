@@ -103,3 +103,44 @@ def test_range_errors_name_the_argument_and_change_nothing(call, match):
         call(W, A, B)
     for got, want in zip((W, A, B), before):
         assert np.array_equal(got, want)
+
+# Every instruction-set level: _numpy has its own copy of the level choice (RELORA_CPU_CAPABILITY, read
+# at import), so each level runs in a fresh process; results must match the torch ops bit for bit.
+_LEVEL_CHECK = """
+import numpy as np, torch, relora_ext
+from relora_ext import _numpy, ops
+assert relora_ext.cpu_capability() == LEVEL, relora_ext.cpu_capability()
+rng = np.random.default_rng(0)
+for dtype in (np.float32, np.float16):
+    for rounding in ("nearest", "stochastic"):
+        W = rng.standard_normal((65, 129)).astype(dtype)
+        A = rng.standard_normal((8, 129)).astype(np.float32)
+        B = rng.standard_normal((65, 8)).astype(np.float32)
+        Wt = torch.from_numpy(W.copy())
+        _numpy.merge_(W, A, B, 0.3, rounding=rounding, seed=5)
+        ops.merge_(Wt, torch.from_numpy(A), torch.from_numpy(B), 0.3, rounding=rounding, seed=5)
+        assert np.array_equal(W.view(np.uint8), Wt.numpy().view(np.uint8)), (dtype, rounding)
+    A = np.empty((7, 33), dtype)
+    _numpy.reset_(A, np.ones((5, 7), dtype), 0.1, 2 ** 64 - 1, 3)
+    At = torch.empty(7, 33, dtype=torch.from_numpy(A).dtype)
+    ops.reset_(At, torch.ones(5, 7, dtype=At.dtype), std=0.1, seed=2 ** 64 - 1, offset=3)
+    assert np.array_equal(A.view(np.uint8), At.numpy().view(np.uint8))
+    for mode in ("magnitude", "random"):
+        x = rng.standard_normal(10_007).astype(dtype)
+        xt = torch.from_numpy(x.copy())
+        assert _numpy.prune_(x, 0.99, mode=mode, seed=7) == ops.prune_(xt, 0.99, mode=mode, seed=7)
+        assert np.array_equal(x.view(np.uint8), xt.numpy().view(np.uint8))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("level", list(__import__("relora_ext")._C._cpu_capabilities()))
+def test_every_level_matches_torch(level):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RELORA_CPU_CAPABILITY=level)
+    out = subprocess.run([sys.executable, "-c", f"LEVEL = {level!r}\n" + _LEVEL_CHECK], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

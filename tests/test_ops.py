@@ -443,3 +443,207 @@ class TestCuda:
         terms = exact.abs() + 0.1 * (B.double().abs() @ A.double().abs())
         bound = 0.5 * ulp(exact, wdtype) + 1e-6 * terms + 1e-30
         assert bool(((W.double() - exact).abs() <= bound).all())
+
+
+# ------------------------------------------------------------------------------------------------
+# every instruction-set level this machine can run (csrc/kernels/cpu.h), in one pytest run
+
+LEVELS = list(relora_ext._C._cpu_capabilities())
+ALL_LEVELS = ["default", "avx2", "avx512", "avx512_bf16"]
+LEVEL_SHAPES = [(1, 1, 1), (7, 33, 1), (33, 7, 7), (65, 129, 8), (100, 257, 33),  # odd
+                (64, 128, 8), (96, 256, 64), (256, 64, 16)]  # round
+
+
+@pytest.fixture(params=LEVELS)
+def cpu_level(request):
+    """Run the C kernels at one level for the test, then go back to the level that ran before."""
+    saved = relora_ext._C._cpu_capability()
+    relora_ext._C._set_cpu_capability(request.param)
+    yield request.param
+    relora_ext._C._set_cpu_capability(saved)
+
+
+@pytest.fixture(params=["kernel", "blas"])
+def merge_path(request):
+    """Force merge_'s CPU path (fused kernel, or torch's BLAS + our epilogue) for the test."""
+    relora_ext._C._set_merge_path(request.param)
+    yield request.param
+    relora_ext._C._set_merge_path("auto")
+
+
+def at_level(level, fn):
+    saved = relora_ext._C._cpu_capability()
+    relora_ext._C._set_cpu_capability(level)
+    try:
+        return fn()
+    finally:
+        relora_ext._C._set_cpu_capability(saved)
+
+
+def philox_words(seed: int, offset: int, n: int):
+    """Words 0 .. n-1 of Philox stream (seed, offset) (csrc/kernels/philox.h), with NumPy uint64."""
+    import numpy as np
+
+    m = np.uint64(0xFFFFFFFF)
+    blocks = np.arange((n + 3) // 4, dtype=np.uint64)
+    c = [blocks & m, blocks >> np.uint64(32), np.full_like(blocks, offset & 0xFFFFFFFF),
+         np.full_like(blocks, offset >> 32)]
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0), p1 & m,
+             (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1), p0 & m]
+    return np.stack(c, axis=1).reshape(-1)[:n]
+
+
+def reference_normals(seed: int, offset: int, n: int) -> torch.Tensor:
+    """The normals of reset_ (Box-Muller on Philox words), in float64."""
+    w = torch.from_numpy(philox_words(seed, offset, n + 4).astype("int64"))
+    u = ((w >> 8) + 1).double() * 2.0 ** -24
+    pairs = u[: (n + 1) // 2 * 2 + 2].view(-1, 2)
+    r = torch.sqrt(-2 * torch.log(pairs[:, 0]))
+    t = 2 * math.pi * pairs[:, 1]
+    return torch.stack([r * torch.cos(t), r * torch.sin(t)], dim=1).reshape(-1)[:n]
+
+
+class TestCpuLevels:
+    def test_capability(self):
+        assert relora_ext.cpu_capability() in LEVELS
+        assert LEVELS == ALL_LEVELS[: len(LEVELS)] or LEVELS == ["default"]
+        with pytest.raises(ValueError, match="level must be one of"):
+            relora_ext._C._set_cpu_capability("sse9")
+
+    @pytest.mark.skipif(LEVELS == ALL_LEVELS, reason="every level runs on this CPU")
+    def test_level_above_cpu_refused(self):
+        above = ALL_LEVELS[len(LEVELS)]
+        with pytest.raises(ValueError, match="does not support|must be one of"):
+            relora_ext._C._set_cpu_capability(above)
+        assert relora_ext.cpu_capability() in LEVELS
+
+    @pytest.mark.parametrize("level", LEVELS + ["bogus"])
+    def test_env_var_read_at_import(self, level):
+        import os
+        import subprocess
+        import sys
+
+        env = dict(os.environ, RELORA_CPU_CAPABILITY=level)
+        out = subprocess.run([sys.executable, "-c", "import relora_ext; print(relora_ext.cpu_capability())"],
+                             env=env, capture_output=True, text=True, check=True)
+        if level == "bogus":
+            assert out.stdout.strip() == LEVELS[-1]
+            assert "RELORA_CPU_CAPABILITY=bogus is not a level" in out.stderr
+        else:
+            assert out.stdout.strip() == level and out.stderr == ""
+
+    @pytest.mark.parametrize("adtype", DTYPES)
+    @pytest.mark.parametrize("wdtype", DTYPES)
+    @pytest.mark.parametrize("shape", LEVEL_SHAPES)
+    def test_merge_one_rounding(self, cpu_level, merge_path, shape, wdtype, adtype):
+        W, A, B = sample_merge(*shape, wdtype, adtype, seed=sum(shape))
+        exact = reference_merge(W, A, B, 0.37)
+        ops.merge_(W, A, B, 0.37)
+        err = (W.double() - exact).abs()
+        terms = W.double().abs() + 0.37 * (B.double().abs() @ A.double().abs())
+        bound = 0.5 * ulp(exact, wdtype) + 1e-6 * terms + 1e-30
+        assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+
+    @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+    def test_merge_rounds_to_nearest_exactly(self, cpu_level, merge_path, wdtype):
+        W = torch.randn(37, 67, generator=torch.Generator().manual_seed(1)).to(wdtype)
+        A = torch.randint(-8, 8, (1, 67)).float()
+        B = torch.randint(-8, 8, (37, 1)).float()
+        exact = reference_merge(W, A, B, 2.0 ** -10)
+        ops.merge_(W, A, B, 2.0 ** -10)
+        assert torch.equal(W, exact.float().to(wdtype))
+
+    @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+    def test_merge_stochastic(self, cpu_level, merge_path, wdtype, threads):
+        u = 2.0 ** (-7 if wdtype == torch.bfloat16 else -10)
+        n = 200
+        A, B = torch.ones(1, n + 3), torch.full((n, 1), u / 4)
+        results = []
+        for nt in (1, 2):
+            threads(nt)
+            W = torch.ones(n, n + 3, dtype=wdtype)
+            ops.merge_(W, A, B, 1.0, rounding="stochastic", seed=99)
+            results.append(W)
+        assert torch.equal(results[0], results[1])
+        mean = results[0].double().mean().item()
+        sigma = math.sqrt(0.25 * 0.75 / (n * (n + 3))) * u
+        assert abs(mean - (1 + u / 4)) < 5 * sigma
+
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+    def test_merge_nonfinite_refused_W_untouched(self, cpu_level, merge_path, bad):
+        W, A, B = sample_merge(70, 90, 40, torch.bfloat16, torch.float32)
+        before = W.clone()
+        B[69, 39] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            ops.merge_(W, A, B, 1.0)
+        assert torch.equal(W.view(torch.int16), before.view(torch.int16))
+
+    def test_merge_paths_agree(self, cpu_level):
+        # the two paths sum in different orders: at most the last fp32 bit differs
+        W1, A, B = sample_merge(300, 520, 64, torch.float32, torch.float32)
+        W2 = W1.clone()
+        try:
+            relora_ext._C._set_merge_path("kernel")
+            ops.merge_(W1, A, B, 0.5)
+            relora_ext._C._set_merge_path("blas")
+            ops.merge_(W2, A, B, 0.5)
+        finally:
+            relora_ext._C._set_merge_path("auto")
+        assert_close(W1, W2, rtol=4e-7, atol=1e-6)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (64, 4099), (256, 1024)])
+    def test_reset_against_float64(self, cpu_level, shape, dtype):
+        A = torch.full(shape, 7.0, dtype=dtype)
+        B = torch.ones(shape[::-1], dtype=dtype)
+        ops.reset_(A, B, std=0.5, seed=2 ** 63 + 11, offset=3)
+        assert bool((B == 0).all())
+        z = 0.5 * reference_normals(2 ** 63 + 11, 3, A.numel()).view(shape)
+        # fp32 Box-Muller within 4 ulp of float64, then one rounding into the dtype
+        bound = 4 * ulp(z, torch.float32) + 0.5 * ulp(z, dtype) + 1e-30
+        assert bool(((A.double() - z).abs() <= bound).all())
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("n", [1, 63, 64, 1000, 65537])
+    def test_reset_bit_identical_across_levels(self, n, dtype):
+        # the normals are fp32 polynomials with no FMA contraction: the same bits at every level
+        draws = []
+        for level in LEVELS:
+            A = torch.empty(n, dtype=dtype)
+            at_level(level, lambda: ops.reset_(A, torch.empty(0, dtype=dtype), std=0.02, seed=5, offset=7))
+            draws.append(A.view(torch.int16 if dtype != torch.float32 else torch.int32))
+        for d in draws[1:]:
+            assert torch.equal(d, draws[0])
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.99, 1.0])
+    @pytest.mark.parametrize("n", [1, 33, 4099, 70000])
+    def test_prune_magnitude(self, cpu_level, n, ratio, dtype):
+        x = sample_prune(n, dtype, seed=n)
+        x[n // 3] = float("nan")
+        expected = reference_prune(x, ratio)
+        kept = ops.prune_(x, ratio)
+        assert kept == n - math.floor(ratio * n)
+        assert torch.equal(x.double().nan_to_num(7.0), expected.nan_to_num(7.0))
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("mode", ["magnitude", "random"])
+    def test_prune_bit_identical_across_levels(self, mode, dtype):
+        x0 = sample_prune(100_003, dtype, seed=2)
+        outs = []
+        for level in LEVELS:
+            x = x0.clone()
+            k = at_level(level, lambda: ops.prune_(x, 0.9, mode=mode, seed=3, offset=1))
+            outs.append((k, x.view(torch.uint8)))
+        for k, x in outs[1:]:
+            assert k == outs[0][0] and torch.equal(x, outs[0][1])
+        if mode == "random":  # against the float64 rule: kept iff word < floor(0.1 * 2^32)
+            import numpy as np
+
+            keep = torch.from_numpy(philox_words(3, 1, x0.numel()) < np.uint64(math.floor(0.1 * 2 ** 32)))
+            assert torch.equal(outs[0][1].view(dtype), torch.where(keep, x0, torch.zeros_like(x0)))

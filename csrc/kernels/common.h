@@ -45,4 +45,9 @@ const char *relora_status_string(relora_status status);
 /* Size in bytes of one element of `dtype` (0 for an unknown dtype). */
 size_t relora_dtype_size(relora_dtype dtype);
 
+/* Built once per instruction-set level: give this level's copies their own names (level.h). */
+#ifdef RELORA_LEVEL
+#include "level.h"
+#endif
+
 #endif

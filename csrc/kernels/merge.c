@@ -12,8 +12,15 @@
  * W is read and written exactly once, so for small R the merge runs at memory speed; for large R the
  * micro-kernel runs at (close to) FMA peak. Temporaries are the per-thread packs (a few hundred KB).
  *
- * Vector code uses GNU C vector extensions (gcc, clang), no intrinsics; sums use fused multiply-add
- * (fp-contract is forced on below, since -std=c11 turns it off in gcc).
+ * Compiled once per instruction-set level (level.h); the micro-tile is sized for the level's registers:
+ *   avx512 (32 zmm):            VW = 16 floats a vector, MR x NR = 8 x 32: 16 accumulators
+ *   avx2 (16 ymm):              VW = 8,                  MR x NR = 6 x 16: 12 accumulators
+ *   default (x86-64 SSE2: 16 xmm; aarch64 NEON: 32 q): VW = 4, MR x NR = 6 x 8 (8 x 8 on aarch64)
+ * so that accumulators, the NV = 2 vectors of A and a broadcast of B stay in registers.
+ *
+ * Vector code uses GNU C vector extensions (gcc, clang), no intrinsics except the AVX512-BF16 path; sums
+ * use fused multiply-add where the level has it (fp-contract is forced on below, since -std=c11 turns
+ * it off in gcc).
  */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=fast")
@@ -29,22 +36,63 @@
 #else
 #define MERGE_BF16_DP 0
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "merge.h"
 #include "philox.h"
 #include "internal.h"
 
+#if defined(__AVX512F__)
+#define VW 16     /* floats per vector register */
 #define MR 8      /* micro-tile rows (of W and B) */
-#define NR 32     /* micro-tile columns (of W and A): two 16-float vectors */
-#define MC 96     /* rows per tile, a multiple of MR */
+#elif defined(__AVX2__)
+#define VW 8
+#define MR 6
+#elif defined(__aarch64__)
+#define VW 4
+#define MR 8
+#else
+#define VW 4
+#define MR 6
+#endif
+#define NV 2            /* vectors per micro-tile row */
+#define NR (VW * NV)    /* micro-tile columns (of W and A) */
+#define MC 96           /* rows per tile, a multiple of MR */
 #define NC_MAX 8192
 #define A_PACK_FLOATS 65536 /* target size of one packed A panel (256 KB, half an L2) */
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-#define V16_BCAST(x) ((v16f){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
+typedef float vf __attribute__((vector_size(4 * VW)));
+typedef uint32_t vu __attribute__((vector_size(4 * VW)));
+typedef uint16_t vh __attribute__((vector_size(2 * VW)));
+
+/* x in every lane (an element-wise loop here becomes a chain of inserts under gcc's generic tuning) */
+static inline vf vbcast(float x)
+{
+#if defined(__AVX512F__)
+    return (vf)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+    return (vf)_mm256_set1_ps(x);
+#elif defined(__SSE__)
+    return (vf)_mm_set1_ps(x);
+#else
+    vf v;
+    for (int l = 0; l < VW; l++) v[l] = x;
+    return v;
+#endif
+}
+
+/* w + scale * c rounded once to fp32: a fused multiply-add where the level has one (the contraction
+ * below), else in double (the product of two floats is exact there, and the double sum rounded to fp32
+ * differs from the exact one only at ties of 2^-29 relative, never here in practice). */
+#if defined(__FMA__) || defined(__aarch64__)
+#define MERGE_HAS_FMA 1
+static inline float add_scaled(float w, float scale, float c) { return w + scale * c; }
+#else
+#define MERGE_HAS_FMA 0
+static inline float add_scaled(float w, float scale, float c) { return (float)((double)w + (double)scale * c); }
+#endif
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* argument checks and the non-finite scan */
@@ -150,25 +198,22 @@ static void pack_b(float *restrict bp, const void *B, relora_dtype dt, int64_t R
 static inline void kernel_mrxnr(float *restrict c, const float *restrict bp, const float *restrict ap,
                                 int64_t R)
 {
-    v16f acc[MR][2];
+    vf acc[MR][NV];
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) { acc[r][0] = (v16f){0}; acc[r][1] = (v16f){0}; }
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = (vf){0};
     for (int64_t k = 0; k < R; k++) {
-        const v16f a0 = *(const v16f *)(ap + k * NR);
-        const v16f a1 = *(const v16f *)(ap + k * NR + 16);
+        vf a[NV];
+        for (int v = 0; v < NV; v++) a[v] = *(const vf *)(ap + k * NR + v * VW);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; r++) {
-            const float bk = bp[k * MR + r];
-            const v16f b = V16_BCAST(bk);
-            acc[r][0] += b * a0;
-            acc[r][1] += b * a1;
+            const vf b = vbcast(bp[k * MR + r]);
+            for (int v = 0; v < NV; v++) acc[r][v] += b * a[v];
         }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; r++) {
-        *(v16f *)(c + r * NR) = acc[r][0];
-        *(v16f *)(c + r * NR + 16) = acc[r][1];
-    }
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < NV; v++) *(vf *)(c + r * NR + v * VW) = acc[r][v];
 }
 
 #if MERGE_BF16_DP
@@ -269,51 +314,62 @@ RELORA_INLINE uint16_t f32_to_f16_sr(float x, uint32_t word)
     return (uint16_t)(sign | (uint16_t)(lo + up));
 }
 
-/* The same fp16 conversions on 16 lanes (internal.h has the scalar versions and the references). */
-static inline v16f v_f16_to_f32(v16h h)
+/* The same conversions on VW lanes (internal.h has the scalar versions and the references). */
+
+static inline vf v_bf16_to_f32(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
+
+static inline vh v_f32_to_bf16(vf f) /* f32_to_bf16 */
 {
-    const v16u w = __builtin_convertvector(h, v16u) << 16;
-    const v16u sign = w & 0x80000000u;
-    const v16u two_w = w + w;
-    const v16f normalized = (v16f)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    const v16f denormalized = (v16f)((two_w >> 17) | (126u << 23)) - 0.5f;
-    const v16u m = (v16u)(two_w < (1u << 27));
-    return (v16f)(sign | (((v16u)denormalized & m) | ((v16u)normalized & ~m)));
+    const vu u = (vu)f;
+    const vu rne = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);
+    return __builtin_convertvector((((u >> 16) | 0x0040u) & nan) | (rne & ~nan), vh);
 }
 
-static inline v16u v_f32_to_f16(v16f f) /* result in the low 16 bits of each lane */
+static inline vf v_f16_to_f32(vh h)
 {
-    const v16u w = (v16u)f;
-    const v16u shl1_w = w + w;
-    const v16u sign = w & 0x80000000u;
-    v16f base = ((v16f)(shl1_w >> 1) * 0x1.0p+112f) * 0x1.0p-110f;
-    v16u bias = shl1_w & 0xFF000000u;
-    const v16u small = (v16u)(bias < 0x71000000u);
+    const vu w = __builtin_convertvector(h, vu) << 16;
+    const vu sign = w & 0x80000000u;
+    const vu two_w = w + w;
+    const vf normalized = (vf)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const vf denormalized = (vf)((two_w >> 17) | (126u << 23)) - 0.5f;
+    const vu m = (vu)(two_w < (1u << 27));
+    return (vf)(sign | (((vu)denormalized & m) | ((vu)normalized & ~m)));
+}
+
+static inline vu v_f32_to_f16(vf f) /* result in the low 16 bits of each lane */
+{
+    const vu w = (vu)f;
+    const vu shl1_w = w + w;
+    const vu sign = w & 0x80000000u;
+    vf base = ((vf)(shl1_w >> 1) * 0x1.0p+112f) * 0x1.0p-110f;
+    vu bias = shl1_w & 0xFF000000u;
+    const vu small = (vu)(bias < 0x71000000u);
     bias = (bias & ~small) | (0x71000000u & small);
-    base = (v16f)((bias >> 1) + 0x07800000u) + base;
-    const v16u bits = (v16u)base;
-    const v16u nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
-    const v16u nan = (v16u)(shl1_w > 0xFF000000u);
+    base = (vf)((bias >> 1) + 0x07800000u) + base;
+    const vu bits = (vu)base;
+    const vu nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    const vu nan = (vu)(shl1_w > 0xFF000000u);
     return (sign >> 16) | ((0x7E00u & nan) | (nonsign & ~nan));
 }
 
-/* f32_to_f16_sr on 16 lanes, bit-identical to the scalar version. */
-static inline v16u v_f32_to_f16_sr(v16f x, v16u word)
+/* f32_to_f16_sr on VW lanes, bit-identical to the scalar version. */
+static inline vu v_f32_to_f16_sr(vf x, vu word)
 {
-    const v16u u = (v16u)x;
-    const v16f ax = (v16f)(u & 0x7FFFFFFFu);
-    const v16u sign = (u >> 16) & 0x8000u;
-    const v16u h = v_f32_to_f16(ax);
-    const v16f hf = v_f16_to_f32(__builtin_convertvector(h, v16h));
-    const v16u lo = h + (v16u)(hf > ax); /* h - 1 where nearest rounded up */
-    const v16f lof = v_f16_to_f32(__builtin_convertvector(lo, v16h));
-    const v16f hif = v_f16_to_f32(__builtin_convertvector(lo + 1u, v16h));
-    const v16f t = (ax - lof) / (hif - lof) * 0x1.0p32f; /* p * 2^32, exact, < 2^32 */
-    const v16u thr = __builtin_convertvector(t, v16u);   /* floor */
-    const v16f thrf = __builtin_convertvector(thr, v16f);
-    const v16u up = (v16u)((word < thr) | ((word == thr) & (v16u)(t > thrf))); /* word < t */
-    const v16u sr = sign | (lo - up);
-    const v16u ok = (v16u)(ax <= 65504.0f); /* false for NaN, Inf and beyond the largest fp16 */
+    const vu u = (vu)x;
+    const vf ax = (vf)(u & 0x7FFFFFFFu);
+    const vu sign = (u >> 16) & 0x8000u;
+    const vu h = v_f32_to_f16(ax);
+    const vf hf = v_f16_to_f32(__builtin_convertvector(h, vh));
+    const vu lo = h + (vu)(hf > ax); /* h - 1 where nearest rounded up */
+    const vf lof = v_f16_to_f32(__builtin_convertvector(lo, vh));
+    const vf hif = v_f16_to_f32(__builtin_convertvector(lo + 1u, vh));
+    const vf t = (ax - lof) / (hif - lof) * 0x1.0p32f; /* p * 2^32, exact, < 2^32 */
+    const vu thr = __builtin_convertvector(t, vu);   /* floor */
+    const vf thrf = __builtin_convertvector(thr, vf);
+    const vu up = (vu)((word < thr) | ((word == thr) & (vu)(t > thrf))); /* word < t */
+    const vu sr = sign | (lo - up);
+    const vu ok = (vu)(ax <= 65504.0f); /* false for NaN, Inf and beyond the largest fp16 */
     return (sr & ok) | (v_f32_to_f16(x) & ~ok);
 }
 
@@ -350,9 +406,9 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
     case RELORA_F32: {
         float *restrict o = (float *)w;
         if (n == NR) {
-            for (int j = 0; j < NR; j++) o[j] = o[j] + scale * c[j];
+            for (int j = 0; j < NR; j++) o[j] = add_scaled(o[j], scale, c[j]);
         } else {
-            for (int j = 0; j < n; j++) o[j] = o[j] + scale * c[j];
+            for (int j = 0; j < n; j++) o[j] = add_scaled(o[j], scale, c[j]);
         }
         break;
     }
@@ -363,7 +419,13 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
 #if MERGE_BF16_DP
                 apply_bf16_nearest_avx(o, _mm512_loadu_si512(o), c, scale);
 #else
-                for (int j = 0; j < NR; j++) o[j] = f32_to_bf16(bf16_to_f32(o[j]) + scale * c[j]);
+                for (int v = 0; v < NR; v += VW) {
+                    vh wh; vf cv;
+                    memcpy(&wh, o + v, sizeof wh);
+                    memcpy(&cv, c + v, sizeof cv);
+                    wh = v_f32_to_bf16(v_bf16_to_f32(wh) + scale * cv);
+                    memcpy(o + v, &wh, sizeof wh);
+                }
 #endif
             } else {
                 for (int j = 0; j < n; j++) o[j] = f32_to_bf16(bf16_to_f32(o[j]) + scale * c[j]);
@@ -376,16 +438,16 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
     case RELORA_F16: {
         uint16_t *restrict o = (uint16_t *)w;
         if (n == NR) {
-            for (int half = 0; half < NR; half += 16) {
-                v16h wh; v16f cv; v16u wv;
+            for (int half = 0; half < NR; half += VW) {
+                vh wh; vf cv; vu wv;
                 memcpy(&wh, o + half, sizeof wh);
                 memcpy(&cv, c + half, sizeof cv);
-                const v16f x = v_f16_to_f32(wh) + scale * cv;
+                const vf x = v_f16_to_f32(wh) + scale * cv;
                 if (stochastic) {
                     memcpy(&wv, words + half, sizeof wv);
-                    wh = __builtin_convertvector(v_f32_to_f16_sr(x, wv), v16h);
+                    wh = __builtin_convertvector(v_f32_to_f16_sr(x, wv), vh);
                 } else {
-                    wh = __builtin_convertvector(v_f32_to_f16(x), v16h);
+                    wh = __builtin_convertvector(v_f32_to_f16(x), vh);
                 }
                 memcpy(o + half, &wh, sizeof wh);
             }
@@ -405,22 +467,24 @@ static void apply_row(void *w, relora_dtype wdt, int n, const float *restrict c,
  * row at the same column aliases it in the store buffer's 4K check and waits ("4K aliasing"). */
 static inline int apply_tile(char *w, relora_dtype wdt, int64_t ldw, const float *restrict c, float scale)
 {
+    if (wdt == RELORA_F32 && !MERGE_HAS_FMA) {
+        float *o = (float *)w;
+        for (int r = 0; r < MR; r++)
+            for (int j = 0; j < NR; j++) o[r * ldw + j] = add_scaled(o[r * ldw + j], scale, c[r * NR + j]);
+        return 1;
+    }
     if (wdt == RELORA_F32) {
         float *o = (float *)w;
-        v16f x[MR][2];
+        vf x[MR][NV];
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; r++) {
-            memcpy(&x[r][0], o + r * ldw, 64);
-            memcpy(&x[r][1], o + r * ldw + 16, 64);
-        }
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) memcpy(&x[r][v], o + r * ldw + v * VW, sizeof(vf));
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; r++) {
-            const v16f c0 = *(const v16f *)(c + r * NR), c1 = *(const v16f *)(c + r * NR + 16);
-            x[r][0] += scale * c0;
-            x[r][1] += scale * c1;
-            memcpy(o + r * ldw, &x[r][0], 64);
-            memcpy(o + r * ldw + 16, &x[r][1], 64);
-        }
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) {
+                x[r][v] += scale * *(const vf *)(c + r * NR + v * VW);
+                memcpy(o + r * ldw + v * VW, &x[r][v], sizeof(vf));
+            }
         return 1;
     }
 #if MERGE_BF16_DP
@@ -431,6 +495,21 @@ static inline int apply_tile(char *w, relora_dtype wdt, int64_t ldw, const float
         for (int r = 0; r < MR; r++) x[r] = _mm512_loadu_si512(o + r * ldw);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; r++) apply_bf16_nearest_avx(o + r * ldw, x[r], c + r * NR, scale);
+        return 1;
+    }
+#else
+    if (wdt == RELORA_BF16) {
+        uint16_t *o = (uint16_t *)w;
+        vh x[MR][NV];
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) memcpy(&x[r][v], o + r * ldw + v * VW, sizeof(vh));
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) {
+                const vh y = v_f32_to_bf16(v_bf16_to_f32(x[r][v]) + scale * *(const vf *)(c + r * NR + v * VW));
+                memcpy(o + r * ldw + v * VW, &y, sizeof(vh));
+            }
         return 1;
     }
 #endif
@@ -468,12 +547,11 @@ static inline void kernel_dp(float *ct, const float *bp, const float *ap, int64_
 #endif
 }
 
-relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
-                         const void *B, const void *A, relora_dtype adtype,
-                         int64_t O, int64_t I, int64_t R,
-                         float scale, relora_rounding rounding, uint64_t seed, int nthreads)
+relora_status lora_merge_check(const void *W, relora_dtype wdtype, int64_t ldw,
+                               const void *B, const void *A, relora_dtype adtype,
+                               int64_t O, int64_t I, int64_t R,
+                               float scale, relora_rounding rounding, int nthreads)
 {
-    /* arguments */
     if (!dtype_valid(wdtype) || !dtype_valid(adtype)) return RELORA_ERR_ARG;
     if (rounding != RELORA_ROUND_NEAREST && rounding != RELORA_ROUND_STOCHASTIC) return RELORA_ERR_ARG;
     if (O < 0 || I < 0 || R < 1 || ldw < I || ldw < 0) return RELORA_ERR_ARG;
@@ -485,11 +563,59 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
     const int64_t wbytes = (O > 0 && I > 0) ? ((O - 1) * ldw + I) * wes : 0;
     if (range_overlap(W, wbytes, A, R * I * aes) || range_overlap(W, wbytes, B, O * R * aes))
         return RELORA_ERR_ARG;
-
     const int nt = relora_threads(nthreads);
     if (has_nonfinite(A, adtype, R * I, nt) || has_nonfinite(B, adtype, O * R, nt))
         return RELORA_ERR_NONFINITE;
+    return RELORA_OK;
+}
+
+relora_status lora_merge_add(void *W, relora_dtype wdtype, int64_t ldw, const float *C, int64_t ldc,
+                             int64_t row0, int64_t rows, int64_t col0, int64_t cols, int64_t I,
+                             float scale, relora_rounding rounding, uint64_t seed, int nthreads)
+{
+    if (!dtype_valid(wdtype) || (rounding != RELORA_ROUND_NEAREST && rounding != RELORA_ROUND_STOCHASTIC))
+        return RELORA_ERR_ARG;
+    if (row0 < 0 || rows < 0 || col0 < 0 || cols < 0 || col0 > I - cols || ldw < I || ldc < cols ||
+        !isfinite(scale))
+        return RELORA_ERR_ARG;
+    if (rows == 0 || cols == 0) return RELORA_OK;
+    if (W == NULL || C == NULL) return RELORA_ERR_ARG;
+    const int stochastic = rounding == RELORA_ROUND_STOCHASTIC && wdtype != RELORA_F32;
+    const int64_t wes = (int64_t)relora_dtype_size(wdtype);
+    const int nt = relora_threads(nthreads);
+    const int64_t nseg = (cols + NR - 1) / NR;
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (rows * cols > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        uint32_t words[NR];
+        const int64_t i = row0 + r;
+        if (wdtype == RELORA_F32) { /* the one rounding of apply_row, on the whole row */
+            float *restrict o = (float *)W + i * ldw + col0;
+            const float *restrict c = C + r * ldc;
+            for (int64_t j = 0; j < cols; j++) o[j] = add_scaled(o[j], scale, c[j]);
+            continue;
+        }
+        for (int64_t s = 0; s < nseg; s++) {
+            const int64_t j0 = col0 + s * NR;
+            const int n = col0 + cols - j0 < NR ? (int)(col0 + cols - j0) : NR;
+            if (stochastic) philox_words(seed, 0, (uint64_t)i * (uint64_t)I + (uint64_t)j0, n, words);
+            apply_row((char *)W + (i * ldw + j0) * wes, wdtype, n, C + r * ldc + s * NR, scale, stochastic,
+                      words);
+        }
+    }
+    return RELORA_OK;
+}
+
+relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
+                         const void *B, const void *A, relora_dtype adtype,
+                         int64_t O, int64_t I, int64_t R,
+                         float scale, relora_rounding rounding, uint64_t seed, int nthreads)
+{
+    relora_status st = lora_merge_check(W, wdtype, ldw, B, A, adtype, O, I, R, scale, rounding, nthreads);
+    if (st != RELORA_OK) return st;
     if (O == 0 || I == 0) return RELORA_OK;
+    const int nt = relora_threads(nthreads);
+    const int64_t wes = (int64_t)relora_dtype_size(wdtype);
 
     /* blocking */
     int64_t nc = (A_PACK_FLOATS / R) / NR * NR;
@@ -506,7 +632,7 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
     /* per-thread packs: A panel (R, nc), B block (MC, R), SR words (MR, nc) */
     const size_t a_floats = (size_t)(R * nc), b_floats = (size_t)(MC * R);
     const size_t w_words = stochastic ? (size_t)(MR * nc) : 0;
-    const size_t per_thread = a_floats + b_floats + w_words + (size_t)(MR * NR) + 64;
+    const size_t per_thread = (a_floats + b_floats + w_words + (size_t)(MR * NR) + 64 + 15) / 16 * 16;
     float *scratch = relora_malloc(sizeof(float) * per_thread * (size_t)nthr);
     if (scratch == NULL) return RELORA_ERR_NOMEM;
 

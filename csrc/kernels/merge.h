@@ -18,8 +18,8 @@
  *           fraction); fp16 W: with lo <= |x| <= hi the neighbouring fp16 magnitudes, take hi iff
  *           w < p * 2^32 where p = (|x| - lo) / (hi - lo); sign copied from x.
  *   NaN stays NaN; a finite x never becomes Inf unless round-to-nearest would (then nearest is used).
- * Fast path (builds for a CPU with AVX512-BF16, i.e. __AVX512BF16__ and __AVX512F__ defined, unless
- * RELORA_NO_INTRINSICS is defined; the C tests run both builds): with bf16 A and B the sums use vdpbf16ps,
+ * Fast path (the avx512_bf16 level, cpu.h, i.e. __AVX512BF16__ and __AVX512F__ defined, unless
+ * RELORA_NO_INTRINSICS is defined; the C tests run every level): with bf16 A and B the sums use vdpbf16ps,
  * two k per instruction. bf16 x bf16 products are exact in fp32 and the sums are fp32 adds rounded to
  * nearest even, so the contract above holds, with one difference at the edge of the range: vdpbf16ps
  * ignores MXCSR and works with DAZ/FTZ, i.e. bf16 subnormals in A or B (|x| < 2^-126) count as zero
@@ -39,5 +39,23 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
                          const void *B, const void *A, relora_dtype adtype,
                          int64_t O, int64_t I, int64_t R,
                          float scale, relora_rounding rounding, uint64_t seed, int nthreads);
+
+/* The checks lora_merge makes before it writes anything (arguments, overlap, the NaN/Inf scan of A and
+ * B), same arguments and status; W is not written. For a caller that computes the product elsewhere
+ * (a BLAS) and then applies it with lora_merge_add. */
+relora_status lora_merge_check(const void *W, relora_dtype wdtype, int64_t ldw,
+                               const void *B, const void *A, relora_dtype adtype,
+                               int64_t O, int64_t I, int64_t R,
+                               float scale, relora_rounding rounding, int nthreads);
+
+/* The epilogue alone, on the block of W (O, I) at rows row0 .. row0+rows-1, columns col0 .. col0+cols-1
+ * (row stride ldw >= I):
+ *   W[i, j] = round(W[i, j] + scale * C[i - row0, j - col0])
+ * with C (rows, cols) fp32, row stride ldc >= cols, and the rounding of lora_merge (the same fp32 add,
+ * the same Philox word (i*I + j) of stream (seed, 0) for stochastic rounding). With C the block of
+ * B @ A summed in fp32, the result is lora_merge's up to the order of the sum. No NaN/Inf check. */
+relora_status lora_merge_add(void *W, relora_dtype wdtype, int64_t ldw, const float *C, int64_t ldc,
+                             int64_t row0, int64_t rows, int64_t col0, int64_t cols, int64_t I,
+                             float scale, relora_rounding rounding, uint64_t seed, int nthreads);
 
 #endif

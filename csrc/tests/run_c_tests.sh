@@ -1,24 +1,45 @@
 #!/bin/sh
-# Build the C kernels with the test program under AddressSanitizer + UBSan and run it, twice: for the
-# build machine (-march=native: the AVX-512 fast paths where the CPU has them) and portable (no -march,
-# and RELORA_NO_INTRINSICS: the plain C paths only).
+# Build the C kernels with the test program under AddressSanitizer + UBSan and run it, twice: with the
+# intrinsic fast paths (the AVX512-BF16 merge at that level) and with RELORA_NO_INTRINSICS (the plain C
+# paths only). Each build compiles the leveled kernels once per instruction-set level, as setup.py does,
+# and the test program runs every level this CPU supports (csrc/kernels/cpu.h).
 # usage: csrc/tests/run_c_tests.sh   (exit status: 0 if both pass)
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
 kernels="$here/../kernels"
-out="${TMPDIR:-/tmp}/relora_test_kernels.$$"
+work="${TMPDIR:-/tmp}/relora_test_kernels.$$"
+mkdir -p "$work"
+trap 'rm -rf "$work"' EXIT
+cc=${CC:-gcc}
+common="-std=c11 -O1 -g -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -Wno-psabi -I$kernels"
+case "$(uname -m)" in
+    x86_64|amd64) levels="default avx2 avx512 avx512_bf16" ;;
+    *) levels="default" ;;
+esac
+level_flags() {
+    case "$1" in
+        avx2) echo "-mavx2 -mfma -mf16c" ;;
+        avx512) echo "-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq" ;;
+        avx512_bf16) echo "-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16" ;;
+        *) echo "" ;;
+    esac
+}
 rc=0
-for flags in "-march=native" "-DRELORA_NO_INTRINSICS"; do
-    echo "== build: $flags"
-    ${CC:-gcc} -std=c11 -O1 -g $flags -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=all \
-        -Wall -Wextra -Wno-psabi -I"$kernels" \
-        "$here/test_kernels.c" "$kernels"/common.c "$kernels"/philox.c "$kernels"/merge.c \
-        "$kernels"/reset.c "$kernels"/prune.c -lm -o "$out"
+for extra in "" "-DRELORA_NO_INTRINSICS"; do
+    echo "== build: levels $levels ${extra:-(with intrinsics)}"
+    objs=""
+    for level in $levels; do
+        for src in merge prune reset philox table; do
+            o="$work/${src}_$level.o"
+            $cc $common $extra $(level_flags $level) -DRELORA_LEVEL=$level -c "$kernels/$src.c" -o "$o"
+            objs="$objs $o"
+        done
+    done
+    $cc $common $extra "$here/test_kernels.c" "$kernels/common.c" "$kernels/cpu.c" $objs -lm -o "$work/test"
     set +e
-    ASAN_OPTIONS=detect_leaks=1 "$out"
+    ASAN_OPTIONS=detect_leaks=1 "$work/test"
     r=$?
     set -e
-    rm -f "$out"
     [ $r -ne 0 ] && rc=$r
 done
 exit $rc

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "cpu.h"
 #include "philox.h"
 #include "merge.h"
 #include "reset.h"
@@ -205,6 +206,34 @@ static void test_box_muller(void)
 /* ---------------------------------------------------------------------------------------------------- */
 /* merge */
 
+/* 1: merge_case goes through lora_merge_check + lora_merge_add (the epilogue of the BLAS path) with the
+ * product computed here, in blocks; 0: lora_merge. */
+static int g_via_add = 0;
+
+static relora_status merge_via_add(void *W, relora_dtype wd, int64_t ldw, const void *B, const void *A,
+                                   relora_dtype ad, int64_t O, int64_t I, int64_t R, float scale,
+                                   relora_rounding rnd, uint64_t seed, int nthreads)
+{
+    relora_status st = lora_merge_check(W, wd, ldw, B, A, ad, O, I, R, scale, rnd, nthreads);
+    if (st != RELORA_OK || O == 0 || I == 0) return st;
+    float *C = xmalloc((size_t)(O * I) * 4);
+    for (int64_t i = 0; i < O; i++)
+        for (int64_t j = 0; j < I; j++) {
+            double acc = 0;
+            for (int64_t k = 0; k < R; k++)
+                acc += (double)load_as_f32(B, ad, i * R + k) * (double)load_as_f32(A, ad, k * I + j);
+            C[i * I + j] = (float)acc;
+        }
+    /* rows [0, h) whole; rows [h, O) in two column blocks (C's row stride stays I) */
+    const int64_t h = O / 2, c = I / 3;
+    st = lora_merge_add(W, wd, ldw, C, I, 0, h, 0, I, I, scale, rnd, seed, nthreads);
+    if (st == RELORA_OK) st = lora_merge_add(W, wd, ldw, C + h * I, I, h, O - h, 0, c, I, scale, rnd, seed, nthreads);
+    if (st == RELORA_OK)
+        st = lora_merge_add(W, wd, ldw, C + h * I + c, I, h, O - h, c, I - c, I, scale, rnd, seed, nthreads);
+    free(C);
+    return st;
+}
+
 /* One merge against a double reference. Returns max |err| / tol. */
 static double merge_case(relora_dtype wd, relora_dtype ad, int64_t O, int64_t I, int64_t R, int64_t pad,
                          relora_rounding rnd, int nthreads, float scale)
@@ -217,7 +246,8 @@ static double merge_case(relora_dtype wd, relora_dtype ad, int64_t O, int64_t I,
     memcpy(W0, W, (size_t)(O * ldw) * wes);
     fill_normal(B, ad, O * R, 0.5);
     fill_normal(A, ad, R * I, 0.5);
-    relora_status st = lora_merge(W, wd, ldw, B, A, ad, O, I, R, scale, rnd, 42, nthreads);
+    relora_status st = (g_via_add ? merge_via_add : lora_merge)(W, wd, ldw, B, A, ad, O, I, R, scale, rnd, 42,
+                                                                  nthreads);
     CHECK(st == RELORA_OK, "merge status %d", st);
     double worst = 0;
     const double eps32 = 0x1.0p-24;
@@ -275,7 +305,8 @@ static void test_merge_accuracy(void)
                     if (!(r <= worst)) worst = r;
                     cases++;
                 }
-            printf("merge W %-4s A/B %-4s: max |err| / tol = %.3f\n", dt_name(dts[a]), dt_name(dts[b]), worst);
+            printf("merge%s W %-4s A/B %-4s: max |err| / tol = %.3f\n", g_via_add ? " (check + add)" : "",
+                   dt_name(dts[a]), dt_name(dts[b]), worst);
             CHECK(worst <= 1.0, "merge W %s A/B %s: error above tolerance (%.3f)", dt_name(dts[a]),
                   dt_name(dts[b]), worst);
             if (!(worst <= worst_all)) worst_all = worst;
@@ -643,17 +674,68 @@ static void test_prune_random(void)
         }
 }
 
+/* ---------------------------------------------------------------------------------------------------- */
+/* levels: reset and prune give the same bits at every level (integer Philox, fp32 polynomials without
+ * FMA contraction, integer selection) */
+
+static void test_levels_identical(void)
+{
+    const int best = relora_cpu_best_level();
+    const int64_t n = 100003;
+    const relora_dtype dts[3] = {RELORA_F32, RELORA_BF16, RELORA_F16};
+    unsigned char *ref = xmalloc((size_t)n * 4 * 9), *x = xmalloc((size_t)n * 4), *src = xmalloc((size_t)n * 4);
+    int64_t refk[9] = {0};
+    for (int l = 0; l <= best; l++) {
+        CHECK(relora_cpu_set_level(l) == RELORA_OK, "set level %d", l);
+        for (int d = 0; d < 3; d++) {
+            const size_t bytes = (size_t)n * relora_dtype_size(dts[d]);
+            for (int what = 0; what < 3; what++) {
+                int64_t k = -1;
+                if (what == 0) {
+                    CHECK(normal_fill(x, dts[d], n, 0.02f, 77, 5, 2) == RELORA_OK, "fill");
+                } else {
+                    rng_state = 1234; /* the same input at every level */
+                    fill_normal(src, dts[d], n, 1.0);
+                    memcpy(x, src, bytes);
+                    relora_status st = what == 1 ? prune_magnitude(x, dts[d], n, 0.9, &k, 2)
+                                                 : prune_random(x, dts[d], n, 0.9, 3, 1, &k, 2);
+                    CHECK(st == RELORA_OK, "prune");
+                }
+                unsigned char *r = ref + (size_t)(d * 3 + what) * (size_t)n * 4;
+                if (l == 0) { memcpy(r, x, bytes); refk[d * 3 + what] = k; continue; }
+                CHECK(memcmp(r, x, bytes) == 0 && k == refk[d * 3 + what],
+                      "%s %s differs between levels %s and %s", what == 0 ? "normal_fill" : what == 1 ?
+                      "prune_magnitude" : "prune_random", dt_name(dts[d]), relora_cpu_level_name(0),
+                      relora_cpu_level_name(l));
+            }
+        }
+    }
+    printf("levels default .. %s: reset and prune bit-identical\n", relora_cpu_level_name(best));
+    free(ref); free(x); free(src);
+}
+
 int main(void)
 {
     test_conversions();
-    test_philox();
-    test_box_muller();
-    test_merge_accuracy();
-    test_merge_stochastic();
-    test_merge_refusals();
-    test_reset();
-    test_prune_magnitude();
-    test_prune_random();
+    const int best = relora_cpu_best_level();
+    CHECK(relora_cpu_set_level(best + 1) == RELORA_ERR_ARG, "a level above the CPU's must be refused");
+    CHECK(relora_cpu_level_from_name("avx512_bf16x") == -1, "unknown level name");
+    for (int l = 0; l <= best; l++) {
+        CHECK(relora_cpu_set_level(l) == RELORA_OK && relora_cpu_level() == l, "set level %d", l);
+        printf("== level %s\n", relora_cpu_level_name(l));
+        test_philox();
+        test_box_muller();
+        test_merge_accuracy();
+        g_via_add = 1;
+        test_merge_accuracy();
+        g_via_add = 0;
+        test_merge_stochastic();
+        test_merge_refusals();
+        test_reset();
+        test_prune_magnitude();
+        test_prune_random();
+    }
+    test_levels_identical();
     if (g_fail) {
         printf("FAILED: %d checks\n", g_fail);
         return 1;

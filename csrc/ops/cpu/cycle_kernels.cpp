@@ -1,19 +1,82 @@
 // CPU implementations of merge_, reset_ and prune_: the C kernels of csrc/kernels/ on the tensors'
-// raw memory, with torch's thread count.
+// raw memory, with torch's thread count. The kernels run at the instruction-set level chosen at
+// import (csrc/kernels/cpu.h).
+//
+// merge_ takes one of two paths:
+//   kernel  lora_merge: our register-blocked product with the one-rounding epilogue fused in;
+//   blas    the product through ATen (torch's BLAS) on 256 x 256 tiles of W, each into a per-thread
+//           fp32 buffer, then our one-rounding epilogue (lora_merge_add). The checks, the NaN/Inf scan of A and B
+//           included, run before any of W is touched, and no W-sized temporary is made.
+// "auto" chooses by measurement (benchmarks/RESULTS.md, bench_ops): see merge_takes_blas.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/common.h"
 
+#include <algorithm>
+#include <atomic>
+
 extern "C" {
+#include "kernels/cpu.h"
 #include "kernels/merge.h"
 #include "kernels/prune.h"
 #include "kernels/reset.h"
 }
 
 namespace relora {
+
+// 0: auto, 1: always the kernel, 2: always BLAS (tests and benchmarks use the forced ones).
+static std::atomic<int> merge_path_mode{0};
+static const char* const merge_path_names[] = {"auto", "kernel", "blas"};
+
+bool set_merge_path(const std::string& name) {
+  for (int i = 0; i < 3; i++)
+    if (name == merge_path_names[i]) { merge_path_mode = i; return true; }
+  return false;
+}
+
+const char* merge_path() { return merge_path_names[merge_path_mode.load()]; }
+
 namespace {
+
+// The measured choice (bench_ops.py at every level of a Zen 4, benchmarks/RESULTS.md): from avx2 up our
+// fused kernel matches or beats torch's BLAS at every rank, so it always runs. At the baseline level
+// (SSE2, no FMA) our kernel is limited to 4-lane mul + add while torch's BLAS still uses the best
+// instructions the CPU has: there the BLAS product wins once the merge is compute-bound (r >= 32),
+// for every dtype of W; below that the kernel, which moves W once, is as fast or faster.
+bool merge_takes_blas(relora_dtype wdt, relora_dtype adt, int64_t O, int64_t I, int64_t R) {
+  (void)wdt; (void)adt; (void)O; (void)I;
+  const int mode = merge_path_mode.load();
+  if (mode != 0) return mode == 2;
+  return relora_cpu_level() == RELORA_CPU_DEFAULT && R >= 32;
+}
+
+// W (O, I) += scale * B @ A: W is cut into tiles of at most TILE x TILE, spread over torch's threads;
+// each thread computes a tile's product with at::mm (torch's BLAS, single-threaded inside the parallel
+// region) into its own fp32 buffer (256 KB: it stays in L2 while our epilogue adds it into W with one
+// rounding). Square tiles keep BLAS's packing of A and B small next to the tile's flops.
+void merge_blas(const at::Tensor& W, relora_dtype wdt, int64_t ldw, const at::Tensor& A,
+                const at::Tensor& B, float scale, relora_rounding rounding, uint64_t seed) {
+  constexpr int64_t TILE = 256;
+  const int64_t O = W.size(0), I = W.size(1);
+  if (O == 0 || I == 0) return;
+  const at::Tensor A32 = A.to(at::kFloat).contiguous(), B32 = B.to(at::kFloat).contiguous();
+  const int64_t n_i = (O + TILE - 1) / TILE, n_j = (I + TILE - 1) / TILE;
+  void* const w = W.data_ptr();
+  at::parallel_for(0, n_i * n_j, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor C = at::empty({TILE, TILE}, A32.options());
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t i0 = (t / n_j) * TILE, j0 = (t % n_j) * TILE;
+      const int64_t m = std::min(TILE, O - i0), n = std::min(TILE, I - j0);
+      at::Tensor Cmn = C.view({-1}).narrow(0, 0, m * n).view({m, n});
+      at::mm_out(Cmn, B32.narrow(0, i0, m), A32.narrow(1, j0, n));
+      check_status(lora_merge_add(w, wdt, ldw, Cmn.const_data_ptr<float>(), n, i0, m, j0, n, I, scale,
+                                  rounding, seed, 1),
+                   "merge_");
+    }
+  });
+}
 
 void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale,
                c10::string_view rounding, int64_t seed) {
@@ -25,9 +88,18 @@ void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, do
   const int64_t ldw = W.size(0) <= 1 ? W.size(1) : W.stride(0);
   TORCH_CHECK_VALUE(ldw >= W.size(1), "merge_: W's rows overlap, got strides ", W.strides());
   const at::Tensor Ac = A.contiguous(), Bc = B.contiguous();
-  check_status(lora_merge(W.data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(), adt,
-                          W.size(0), W.size(1), A.size(0), static_cast<float>(scale),
-                          parse_rounding(rounding), as_u64(seed), at::get_num_threads()),
+  const relora_rounding rnd = parse_rounding(rounding);
+  const int nt = at::get_num_threads();
+  const int64_t O = W.size(0), I = W.size(1), R = A.size(0);
+  if (merge_takes_blas(wdt, adt, O, I, R)) {
+    check_status(lora_merge_check(W.const_data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(),
+                                  adt, O, I, R, static_cast<float>(scale), rnd, nt),
+                 "merge_");
+    merge_blas(W, wdt, ldw, Ac, Bc, static_cast<float>(scale), rnd, as_u64(seed));
+    return;
+  }
+  check_status(lora_merge(W.data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(), adt, O, I,
+                          R, static_cast<float>(scale), rnd, as_u64(seed), nt),
                "merge_");
 }
 
