@@ -1,8 +1,10 @@
 /*
  * relora_ext._numpy: the relora C kernels on NumPy arrays, through the NumPy C API.
  *
- * Same kernels, same semantics and same random streams as the torch operators, so that results
- * are bit-identical for the same data. Arrays are float32 or float16 (NumPy has no bfloat16),
+ * Same kernels, same semantics and same random streams as the torch operators: reset and prune are
+ * bit-identical for the same data; merge too, except where torch's merge_ takes its BLAS path (the
+ * `default` level at large r), which can differ in the last float32 bit. This module always runs the
+ * fused kernel, at the level RELORA_CPU_CAPABILITY allows. Arrays are float32 or float16 (NumPy has no bfloat16),
  * native byte order, aligned; the written arrays must be writeable. The GIL is released while a
  * kernel runs.
  */
