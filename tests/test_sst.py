@@ -216,3 +216,55 @@ def test_native_op_under_bf16_autocast_and_compile():
     torch.testing.assert_close(compiled(x), sst(x))
     compiled(x).square().sum().backward()
     assert sst.U_active.grad is not None and sst.sigma.grad is not None
+
+
+def test_a_step_leaves_the_frozen_columns_alone():
+    model = sst_model()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=5e-2), model, reset_every=100)
+    layer = model[0]
+    U, V = layer.U.clone(), layer.V.clone()
+    train(model, opt, 3)
+    assert torch.equal(layer.U, U) and torch.equal(layer.V, V)        # buffers: no gradient, no state
+    assert all(p is not layer.U and p is not layer.V for p in opt.state)
+
+
+def test_sampling_frequencies_chi_square():
+    """r = 1 draws one direction with probability p(i): a chi-square test over 6000 fixed-seed draws."""
+    sigma = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.0])
+    n = 6000
+    counts = torch.zeros(6)
+    for off in range(n):
+        counts[sample_directions(sigma, 1, seed=11, offset=off)] += 1
+    p = 0.5 / 6 + 0.5 * sigma / sigma.sum()
+    chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
+    assert chi2 < 20.5       # the 0.999 quantile of chi-square with 5 degrees of freedom
+
+
+def test_samples_do_not_depend_on_the_thread_count():
+    sigma = torch.rand(300, generator=torch.Generator().manual_seed(0))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sample_directions(sigma, 40, seed=5, offset=9)
+        torch.set_num_threads(2)
+        two = sample_directions(sigma, 40, seed=5, offset=9)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+def test_bad_input_is_refused_with_nothing_changed():
+    lin = nn.Linear(6, 4)
+    for r in (0, 5, -1):
+        with pytest.raises(ValueError, match="r must satisfy"):
+            SSTLinear.from_linear(lin, r=r)
+    model = sst_model()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-2), model, reset_every=100)
+    train(model, opt, 1)
+    with torch.no_grad():
+        model[0].sigma[5] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CycleRefused, match="layer '0'.*sigma holds non-finite"):
+        opt.restart()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.nan_to_num(), before[k].nan_to_num()), k
