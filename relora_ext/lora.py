@@ -90,7 +90,8 @@ class LoRALinear(nn.Module):
         alpha: scale numerator; ``s = alpha / r``. **Default ``alpha = r``, i.e. ``s = 1``**: the merged
             update is exactly ``B·A``, so the learning rate means what it means for any other parameter
             (no hidden multiplier to retune when ``r`` changes), and the merge adds ``B·A`` without a
-            rescaling rounding. This is also PEFT's default (``lora_alpha = r = 8``).
+            rescaling rounding. PEFT's default differs: a fixed ``lora_alpha = 8`` whatever ``r`` (``s = 8 / r``);
+            pass ``alpha=8`` to match it.
         dropout: dropout probability applied to the adapter's input only (the frozen path sees ``x``).
         init_std: standard deviation of ``A`` at init and at every reset. **Default
             ``1 / sqrt(in_features)``** (fan-in): for inputs with unit-variance entries the adapter's hidden
