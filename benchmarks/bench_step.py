@@ -28,7 +28,6 @@ The optimizer overhead table: for the ReLoRA* model, with gradients in place, th
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys

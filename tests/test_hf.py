@@ -3,14 +3,13 @@ save_pretrained, PEFT adapter export loaded by peft, the Trainer callback and cy
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import relora_ext
-from relora_ext import (JaggedCosineLR, LoRALinear, ReLoRAConfig, ReLoRAOptimizer, UpdateTracker, lora_layers,
+from relora_ext import (JaggedCosineLR, ReLoRAConfig, ReLoRAOptimizer, UpdateTracker, lora_layers,
                         print_trainable_parameters, unwrap, wrap)
 
 transformers = pytest.importorskip("transformers")

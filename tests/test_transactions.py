@@ -1,7 +1,6 @@
 """A refused operation changes nothing: the cycle, merge_and_reset_, unwrap, wrap and checkpoints as
 transactions, version counters, meta tensors and torch.compile of the ops (issue 11)."""
 
-import os
 import subprocess
 import sys
 
