@@ -252,7 +252,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def adapter_settings(model: torch.nn.Module) -> Dict[str, Dict[str, Any]]:
     """``{layer name: settings}`` for every adapted layer: ``r``, ``alpha``, ``init_std``, ``in_features``,
-    ``out_features`` of a LoRALinear; ``method: "sst"``, ``r`` and the features of an SSTLinear.
+    ``out_features`` of a LoRALinear; ``method: "sst"``, ``r``, ``weight_dtype`` and the features of an SSTLinear.
 
     Saved in every checkpoint and compared on load: the same weights under another ``alpha`` compute
     another function. Example: ``adapter_settings(model)["0"]["alpha"]``.
@@ -264,7 +264,7 @@ def adapter_settings(model: torch.nn.Module) -> Dict[str, Dict[str, Any]]:
     for name, layer in cycled_layers(model):
         common = {"r": layer.r, "in_features": layer.in_features, "out_features": layer.out_features}
         if isinstance(layer, SSTLinear):
-            out[name] = {**common, "method": "sst"}
+            out[name] = {**common, "method": "sst", "weight_dtype": str(layer.U.dtype)}
         else:
             out[name] = {**common, "alpha": layer.alpha, "init_std": layer.init_std}
     return out

@@ -437,7 +437,8 @@ class ReLoRAConfig:
         method: ``"relora"`` (default): :class:`LoRALinear` layers, ReLoRA*; ``"sst"``: Sparse Spectral Training,
             :class:`relora_ext.sst.SSTLinear` layers (``nn.Linear`` bases only).
         weight_dtype: the dtype the frozen weights are kept in between merges (see :class:`LoRALinear`), e.g.
-            ``torch.bfloat16`` for a float32 model trained under bf16 autocast.
+            ``torch.bfloat16`` for a float32 model trained under bf16 autocast; with ``method="sst"`` the dtype
+            of the frozen singular vectors ``U`` and ``V``.
 
     Example: ``wrap(model, ReLoRAConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))``.
     """
@@ -458,10 +459,9 @@ class ReLoRAConfig:
         check_int(where, "r", self.r, lo=1)
         if self.method not in ("relora", "sst"):
             raise ValueError(f"{where}: method must be 'relora' or 'sst', got {self.method!r}")
-        if self.method == "sst" and (self.lora_alpha is not None or self.lora_dropout or self.init_std is not None
-                                     or self.weight_dtype is not None):
-            raise ValueError(f"{where}: method='sst' trains singular vectors and values: lora_alpha, lora_dropout, "
-                             "init_std and weight_dtype do not apply (leave them unset)")
+        if self.method == "sst" and (self.lora_alpha is not None or self.lora_dropout or self.init_std is not None):
+            raise ValueError(f"{where}: method='sst' trains singular vectors and values: lora_alpha, lora_dropout "
+                             "and init_std do not apply (leave them unset)")
         if self.weight_dtype is not None and self.weight_dtype not in FLOAT_DTYPES:
             raise TypeError(f"{where}: weight_dtype must be None or one of {FLOAT_DTYPES}, got {self.weight_dtype!r}")
         if self.lora_alpha is not None:
@@ -657,7 +657,7 @@ def _adapter(mod: nn.Module, cfg: ReLoRAConfig, settings: dict) -> nn.Module:
     if cfg.method == "sst":
         from .sst import SSTLinear
 
-        return SSTLinear.from_linear(mod, r=cfg.r)
+        return SSTLinear.from_linear(mod, r=cfg.r, weight_dtype=cfg.weight_dtype)
     if _kind(mod) == "quantized":
         from .quantized import QuantizedLoRALinear
 

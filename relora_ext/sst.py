@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import _C, ops  # noqa: F401  (_C registers torch.ops.relora.sst_linear)
-from ._checks import check_rank
+from ._checks import FLOAT_DTYPES, check_rank
 
 __all__ = ["SSTLinear", "sample_directions", "sample_offset"]
 
@@ -63,7 +63,8 @@ def sample_directions(sigma: torch.Tensor, r: int, *, seed: int, offset: int) ->
 class SSTLinear(nn.Module):
     r"""A drop-in :class:`torch.nn.Linear` trained by Sparse Spectral Training (see the module docstring).
 
-    Shapes: input ``(*, in_features)``, output ``(*, out_features)``. Parameters: ``sigma (m,)``,
+    Shapes: input ``(*, in_features)``, output ``(*, out_features)``. ``weight_dtype`` (default: the
+    layer's dtype) stores the frozen ``U`` and ``V`` in another dtype, e.g. ``torch.bfloat16``. Parameters: ``sigma (m,)``,
     ``U_active (out, r)``, ``V_active (in, r)``, ``bias (out,)`` (adopted from the linear layer); buffers:
     ``U (out, m)`` and ``V (in, m)`` (the frozen directions; the active columns hold zeros there) and
     ``active (r,)`` (the indices ``S``). Trainable share: ``(r (out + in) + m) / (out · in)``.
@@ -80,36 +81,48 @@ class SSTLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 r: int) -> None:
+                 r: int, weight_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        self._adopt(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype), r, "SSTLinear")
+        self._adopt(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype), r, weight_dtype,
+                    "SSTLinear")
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, r: int) -> "SSTLinear":
-        """The SST layer of ``linear``: the SVD of its weight (computed in float64), its bias Parameter."""
+    def from_linear(cls, linear: nn.Linear, *, r: int, weight_dtype: Optional[torch.dtype] = None) -> "SSTLinear":
+        """The SST layer of ``linear``: the SVD of its weight (computed in float64), its bias Parameter.
+
+        ``weight_dtype`` (default: the layer's dtype) is the dtype of the frozen directions ``U`` and ``V``;
+        ``torch.bfloat16`` halves their memory while ``Σ`` and the trained columns keep the layer's dtype
+        (the frozen columns are rounded to bf16 when an iteration writes them back).
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SSTLinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._adopt(linear, r, "SSTLinear.from_linear")
+        self._adopt(linear, r, weight_dtype, "SSTLinear.from_linear")
         return self
 
     @torch.no_grad()
-    def _adopt(self, linear: nn.Linear, r: int, where: str) -> None:
+    def _adopt(self, linear: nn.Linear, r: int, weight_dtype: Optional[torch.dtype], where: str) -> None:
         W = linear.weight.detach()
+        if weight_dtype is not None and weight_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{where}: weight_dtype must be None or one of "
+                            f"{', '.join(str(d) for d in FLOAT_DTYPES)}, got {weight_dtype!r}")
+        if not W.dtype.is_floating_point:
+            raise TypeError(f"{where}: the weight must be floating point, got {W.dtype}")
         self.out_features, self.in_features = (int(n) for n in W.shape)
         self.m = min(self.in_features, self.out_features)
         self.r = check_rank(where, r, self.in_features, self.out_features)
         U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
         factory = {"device": W.device, "dtype": W.dtype}
-        self.register_buffer("U", U.to(**factory))
-        self.register_buffer("V", Vh.t().to(**factory).contiguous())
+        frozen = {"device": W.device, "dtype": weight_dtype or W.dtype}
+        self.register_buffer("U", U.to(**frozen))
+        self.register_buffer("V", Vh.t().to(**frozen).contiguous())
         self.register_buffer("active", torch.arange(self.r, device=W.device))
         self.sigma = nn.Parameter(S.to(**factory))
         self.U_active = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
         self.V_active = nn.Parameter(torch.empty(self.in_features, self.r, **factory))
         self.bias = linear.bias
-        self._activate(self.active)
+        self._activate(self.active, U, Vh.t())
 
     # -- forward ---------------------------------------------------------------------------------------
 
@@ -121,14 +134,15 @@ class SSTLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        return s + f", r={self.r}, m={self.m}"
+        s += f", r={self.r}, m={self.m}"
+        return s + (f", weight_dtype={self.U.dtype}" if self.U.dtype != self.sigma.dtype else "")
 
     # -- the weight ------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def weight_sst(self) -> torch.Tensor:
         """The weight the layer computes with, ``U diag(Σ) Vᵀ`` ``(out, in)``, active columns included."""
-        U, V = self.U.clone(), self.V.clone()
+        U, V = self.U.to(self.sigma.dtype, copy=True), self.V.to(self.sigma.dtype, copy=True)
         U[:, self.active] = self.U_active
         V[:, self.active] = self.V_active
         return (U * self.sigma) @ V.t()
@@ -146,18 +160,19 @@ class SSTLinear(nn.Module):
     # -- the periodic work (called by relora_ext.cycle) --------------------------------------------------
 
     @torch.no_grad()
-    def _activate(self, S: torch.Tensor) -> None:
-        """Move the columns ``S`` of ``U`` and ``V`` into the active Parameters (zeros left behind)."""
-        self.U_active.copy_(self.U[:, S])
-        self.V_active.copy_(self.V[:, S])
+    def _activate(self, S: torch.Tensor, U: Optional[torch.Tensor] = None, V: Optional[torch.Tensor] = None) -> None:
+        """Move the columns ``S`` of ``U`` and ``V`` into the active Parameters (zeros left behind); taken
+        from ``U`` and ``V`` if given (an SVD's float64 factors: the buffers may be in a lower ``weight_dtype``)."""
+        self.U_active.copy_((self.U if U is None else U)[:, S])
+        self.V_active.copy_((self.V if V is None else V)[:, S])
         self.U[:, S] = 0
         self.V[:, S] = 0
         self.active.copy_(S)
 
     @torch.no_grad()
     def _write_back(self) -> None:
-        self.U[:, self.active] = self.U_active
-        self.V[:, self.active] = self.V_active
+        self.U[:, self.active] = self.U_active.to(self.U.dtype)
+        self.V[:, self.active] = self.V_active.to(self.V.dtype)
 
     @torch.no_grad()
     def renormalize_(self) -> None:
@@ -178,7 +193,7 @@ class SSTLinear(nn.Module):
         self.V.copy_(Vh.t())
         self.sigma.copy_(S)
         self.active.copy_(torch.arange(self.r, device=self.active.device))
-        self._activate(self.active)
+        self._activate(self.active, U, Vh.t())
 
     @torch.no_grad()
     def resample_(self, *, seed: int, offset: int) -> None:

@@ -268,3 +268,50 @@ def test_bad_input_is_refused_with_nothing_changed():
         opt.restart()
     for k, v in model.state_dict().items():
         assert torch.equal(v.nan_to_num(), before[k].nan_to_num()), k
+
+
+def test_weight_dtype_keeps_the_frozen_directions_in_bf16():
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 12)
+    sst = SSTLinear.from_linear(lin, r=3, weight_dtype=torch.bfloat16)
+    assert sst.U.dtype == sst.V.dtype == torch.bfloat16
+    assert sst.sigma.dtype == sst.U_active.dtype == sst.V_active.dtype == torch.float32
+    assert "weight_dtype=torch.bfloat16" in repr(sst)
+    x = torch.randn(5, 20, dtype=torch.float64)
+    ref = x @ lin.weight.detach().double().t() + lin.bias.detach().double()
+    y = sst(x.float())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)   # bf16 frozen directions
+    # the trained columns (the top r directions, kept in fp32) are exact: they alone carry no bf16 error
+    full = SSTLinear.from_linear(lin, r=3)
+    torch.testing.assert_close(sst.U_active, full.U_active)
+    # gradients: the enhanced ones for the active columns, the true one for Σ, as with fp32 U and V
+    y.sum().backward()
+    (full(x.float())).sum().backward()
+    for name in ("sigma", "U_active", "V_active"):
+        torch.testing.assert_close(getattr(sst, name).grad, getattr(full, name).grad, rtol=2e-2, atol=2e-2)
+    # an iteration and a round keep the dtypes and the function (up to bf16 rounding of the frozen columns)
+    y0 = sst(x.float()).detach()
+    sst.resample_(seed=1, offset=sample_offset(0, 1))
+    sst.resvd_()
+    assert sst.U.dtype == torch.bfloat16 and sst.U_active.dtype == torch.float32
+    torch.testing.assert_close(sst(x.float()), y0, rtol=3e-2, atol=3e-2)
+    with pytest.raises(TypeError, match="weight_dtype must be None or one of"):
+        SSTLinear.from_linear(lin, r=3, weight_dtype=torch.int8)
+
+
+def test_wrap_sst_with_weight_dtype_trains_and_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
+    wrap(model, r=4, method="sst", weight_dtype=torch.bfloat16)
+    assert all(m.U.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, SSTLinear))
+    opt = ReLoRAOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2),
+                          model, reset_every=3, seed=0)
+    train(model, opt, 7)
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
+    fp32 = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
+    wrap(fp32, r=4, method="sst")
+    opt32 = ReLoRAOptimizer(torch.optim.AdamW([p for p in fp32.parameters() if p.requires_grad], lr=1e-2),
+                            fp32, reset_every=3, seed=0)
+    with pytest.raises(ValueError, match="weight_dtype"):
+        load_checkpoint(tmp_path / "c.pt", model=fp32, optimizer=opt32)

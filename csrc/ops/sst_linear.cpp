@@ -5,7 +5,9 @@
 //
 // Shapes: x (*, in) flattened to (N, in); U (out, m) and V (in, m) the frozen directions (zeros in the
 // active columns); sigma Σ (m,); active S (r,) int64; U_active U_a (out, r), V_active V_a (in, r);
-// bias (out,) or None. One floating dtype for all but `active`.
+// bias (out,) or None. One floating dtype for all but `active`, `U` and `V`: the frozen directions may be
+// kept in another floating dtype (SSTLinear's weight_dtype, e.g. bf16 beside fp32 trained columns); they
+// are cast to x's dtype where used.
 //
 // Backward, with G = ∂L/∂y (N, out), h_a = x V_a (N, r):
 //   ∂x   = G (U diag(Σ) Vᵀ) + ((G U_a) diag(Σ_S)) V_aᵀ       the true gradient
@@ -49,15 +51,29 @@ void check_args(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, c
                     ": x must be (*, in) with in = V.shape[0] = ", V.size(0), ", got ", x.sizes());
   TORCH_CHECK_TYPE(active.scalar_type() == at::kLong, kOp, ": active must be int64, got ",
                    active.scalar_type());
-  for (const at::Tensor* t : {&U, &V, &sigma, &Ua, &Va}) {
+  for (const at::Tensor* t : {&sigma, &Ua, &Va}) {
     TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), kOp,
-                     ": U, V, sigma, U_active and V_active must have x's dtype ", x.scalar_type(),
-                     ", got ", t->scalar_type());
+                     ": sigma, U_active and V_active must have x's dtype ", x.scalar_type(), ", got ",
+                     t->scalar_type());
+  }
+  for (const at::Tensor* t : {&U, &V}) {
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), kOp,
+                     ": U and V must be floating point, got ", t->scalar_type());
   }
   if (given(bias)) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == U.size(0), kOp,
                       ": bias must be (out,), got ", bias->sizes());
   }
+}
+
+// t in dtype dt (a copy only where the dtypes differ: aten::to would return t itself, an alias).
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt ? t : t.to(dt);
+}
+
+// U diag(Σ) Vᵀ (out, in) over the frozen directions, in Σ's dtype.
+at::Tensor frozen_weight(const at::Tensor& U, const at::Tensor& V, const at::Tensor& sigma) {
+  return at::mm(as_dtype(U, sigma.scalar_type()) * sigma, as_dtype(V, sigma.scalar_type()).t());
 }
 
 // y (N, out) and h_a (N, r) for x2 (N, in).
@@ -66,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> forward_2d(const at::Tensor& x2, const at::Te
                                               const at::Tensor& active, const at::Tensor& Ua,
                                               const at::Tensor& Va,
                                               const std::optional<at::Tensor>& bias) {
-  const at::Tensor W = at::mm(U * sigma, V.t());  // (out, in), the frozen directions
+  const at::Tensor W = frozen_weight(U, V, sigma);
   at::Tensor y = given(bias) ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
   at::Tensor ha = at::mm(x2, Va);
   y.addmm_(ha * sigma.index_select(0, active), Ua.t());
@@ -118,13 +134,14 @@ struct SSTLinearBackward : public torch::autograd::Node {
                                ? at::mm(g, Ua)
                                : at::Tensor();  // G U_a (N, r)
     if (should_compute_output(kX)) {
-      const at::Tensor W = at::mm(U * sigma, V.t());
+      const at::Tensor W = frozen_weight(U, V, sigma);
       const at::Tensor gx = at::mm(g, W) + at::mm(gUa * sigma.index_select(0, active), Va.t());
       out[kX] = gx.view(x_shape);
     }
     if (need_sigma) {  // diag(Uᵀ (Gᵀ x) V) over the frozen directions, Σ_n (G U_a) ∘ h_a at S
       const at::Tensor gW = at::mm(g.t(), x2);
-      at::Tensor gs = (U * at::mm(gW, V)).sum(0);
+      const at::ScalarType dt = sigma.scalar_type();
+      at::Tensor gs = (as_dtype(U, dt) * at::mm(gW, as_dtype(V, dt))).sum(0);
       out[kSigma] = gs.index_add(0, active, (gUa * ha).sum(0));
     }
     if (should_compute_output(kUa)) out[kUa] = at::mm(g.t(), ha);
