@@ -12,7 +12,9 @@ Methods (every one trains the embeddings, norms and head; the seven projections 
 - ``peft``: PEFT LoRA adapters (r, alpha = r), base weights frozen (fp32);
 - ``relora``: relora_ext.wrap + ReLoRAOptimizer(AdamW) (cycle every ``--reset-every`` steps: not inside
   the timed steps, its cost is bench_cycle's), frozen weights fp32;
-- ``relora_bf16w``: the same with ``weight_dtype=torch.bfloat16`` (frozen weights stored in bf16).
+- ``relora_bf16w``: the same with ``weight_dtype=torch.bfloat16`` (frozen weights stored in bf16);
+- ``sst`` / ``sst_bf16w``: SST (``wrap(method="sst")``: Σ, r sampled singular-vector pairs trained, per-step
+  renormalisation in ReLoRAOptimizer.step), the frozen singular vectors in fp32 / bf16 (opt-in methods).
 
 Timing: every configuration is built first; then rounds of ``--steps`` steps per configuration, interleaved
 (rotated order), ``--repeats`` rounds; the median per-step time of each, the ratio to ``full`` of the same
@@ -69,6 +71,10 @@ def build(method, cfg, r, device, seed=0):
         for name, p in model.named_parameters():  # train what relora_ext trains: all but the adapted weights
             p.requires_grad_("lora_" in name or "base_layer" not in name)
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw)
+    if method in ("sst", "sst_bf16w"):  # SST: an iteration every --reset-every steps, not inside the timed ones
+        relora_ext.wrap(model, r=r, method="sst", weight_dtype=torch.bfloat16 if method == "sst_bf16w" else None)
+        inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw)
+        return model, relora_ext.ReLoRAOptimizer(inner, model, reset_every=10**6, seed=seed)
     relora_ext.wrap(model, r=r)
     if method == "relora_bf16w":
         # what LoRALinear(weight_dtype=torch.bfloat16) / from_linear(..., weight_dtype=...) store
@@ -251,7 +257,7 @@ def main():
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--dtype", choices=("bf16-autocast", "fp32"), default="bf16-autocast")
     p.add_argument("--methods", nargs="+", default=["full", "peft", "relora", "relora_bf16w"],
-                   choices=["full", "peft", "relora", "relora_bf16w"])
+                   choices=["full", "peft", "relora", "relora_bf16w", "sst", "sst_bf16w"])
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--compile-methods", nargs="+", default=None,
                    help="compile only these methods (default: every one of --methods)")

@@ -192,6 +192,11 @@ def worker(cfg: dict) -> dict:
         "trainable": n_trainable,
         "optimizer_state_bytes": optimizer_state_bytes(opt),
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        # SST keeps its frozen singular vectors U, V as buffers, not Parameters: count them as weights
+        "frozen_bytes": sum(b.numel() * b.element_size() for m in model.modules() if hasattr(m, "active")
+                            for b in (m.U, m.V)),
+        "replaced_weight_bytes": sum(m.out_features * m.in_features * m.sigma.element_size() for m in model.modules()
+                                     if hasattr(m, "active")),
         "grad_bytes": grad_bytes,
         "val_loss": final,
         "val_ppl": math.exp(final) if math.isfinite(final) else math.inf,
@@ -422,7 +427,7 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
             return x["peak_rss_mib"] - x["rss_before_model_mib"]
 
         def tsb(x):
-            return x["param_bytes"] + x["grad_bytes"] + x["optimizer_state_bytes"]
+            return x["param_bytes"] + x.get("frozen_bytes", 0) + x["grad_bytes"] + x["optimizer_state_bytes"]
 
         out += ["", "### Memory",
                 "",
@@ -449,6 +454,17 @@ def markdown(args, rows, mem, plot_path: Path) -> str:
                     f"{tsb(x) / 2**20:.2f} MiB | {d_rss(x):.0f} MiB | **{d_rss(x) / d_rss(fm):.2f}** | {vs_g[1]} |")
         out += ["", "Trainable share is of the base model's parameters. GaLore trains every weight (full-size "
                 "gradients) but keeps Adam's moments in the rank-r projection, plus the projection matrices."]
+        for r in ranks:
+            x, rl = mem.get((r, "sst")), mem.get((r, "relora"))
+            if x and x.get("replaced_weight_bytes"):
+                line = (f"SST at r = {r} keeps no W but its frozen singular vectors U (out, m) and V (in, m): "
+                        f"{x['frozen_bytes'] / 2**20:.2f} MiB against the {x['replaced_weight_bytes'] / 2**20:.2f} MiB "
+                        f"of the weights they replace ({x['frozen_bytes'] / x['replaced_weight_bytes']:.2f}x; "
+                        "`weight_dtype=torch.bfloat16` halves it)")
+                if rl:
+                    line += (f"; optimizer state SST / ReLoRA* = "
+                             f"{x['optimizer_state_bytes'] / rl['optimizer_state_bytes']:.3f}")
+                out += ["", line + "."]
     out += ["", f"![train_lm]({plot_path.resolve().relative_to(HERE) if plot_path.resolve().is_relative_to(HERE) else plot_path})", ""]
     every = [x for runs in rows.values() for x in runs] + list((mem or {}).values())
     provs = [x["provenance"] for x in every]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._checks import check_bool
+from . import sst
 from .cycle import (CycleRefused, CycleSettings, SSTLayer, backend_for, cycled_layers, prune_offset, reset_offset,
                     run_cycle)
 
@@ -244,8 +245,8 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         if self.steps_taken == 0:
             self._check_layers_unchanged("step 1")
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        for layer in self._sst_layers:  # SST: unit-length active directions, Σ >= 0
-            layer.renormalize_()
+        if self._sst_layers:  # SST: unit-length active directions, Σ >= 0 (one native call for every layer)
+            sst.renormalize_(self._sst_layers)
         self.steps_taken += 1
         if self.steps_taken % self.settings.reset_every == 0:
             self.restart()

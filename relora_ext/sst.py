@@ -29,7 +29,7 @@ from torch import nn
 from . import _C, ops  # noqa: F401  (_C registers torch.ops.relora.sst_linear)
 from ._checks import FLOAT_DTYPES, check_rank
 
-__all__ = ["SSTLinear", "sample_directions", "sample_offset"]
+__all__ = ["SSTLinear", "renormalize_", "sample_directions", "sample_offset"]
 
 _sst_linear = torch.ops.relora.sst_linear.default
 
@@ -58,6 +58,15 @@ def sample_directions(sigma: torch.Tensor, r: int, *, seed: int, offset: int) ->
     ops.uniform_(u, seed=seed, offset=offset)
     keys = u.double().log() / p
     return torch.topk(keys, r).indices.sort().values
+
+
+@torch.no_grad()
+def renormalize_(layers) -> None:
+    """:meth:`SSTLinear.renormalize_` of every layer in ``layers``, in one native call
+    (``torch.ops.relora.sst_renormalize_``, csrc/ops/sst_linear.cpp): what ReLoRAOptimizer runs after each step."""
+    if layers:
+        torch.ops.relora.sst_renormalize_([m.U_active for m in layers], [m.V_active for m in layers],
+                                          [m.sigma for m in layers], [m.active for m in layers])
 
 
 class SSTLinear(nn.Module):
@@ -177,13 +186,7 @@ class SSTLinear(nn.Module):
     @torch.no_grad()
     def renormalize_(self) -> None:
         """Unit-length active columns, their norms moved into ``Σ``; ``Σ ≥ 0`` (the function is unchanged)."""
-        nu = torch.linalg.vector_norm(self.U_active, dim=0)
-        nv = torch.linalg.vector_norm(self.V_active, dim=0)
-        ok = (nu > 0) & (nv > 0)
-        self.U_active.div_(torch.where(ok, nu, 1))
-        self.V_active.div_(torch.where(ok, nv, 1))
-        self.sigma[self.active] *= torch.where(ok, nu * nv, 1)
-        self.sigma.clamp_(min=0)
+        renormalize_([self])
 
     @torch.no_grad()
     def resvd_(self) -> None:

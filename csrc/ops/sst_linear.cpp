@@ -1,5 +1,7 @@
-// relora::sst_linear: SSTLinear's forward and its enhanced-gradient backward as one operator
-// (see relora_ext/sst.py for the method).
+// SST's native operators (see relora_ext/sst.py for the method):
+//   relora::sst_linear        SSTLinear's forward and its enhanced-gradient backward as one operator;
+//   relora::sst_renormalize_  the per-step renormalisation of every layer's active columns in one call
+//                             (ReLoRAOptimizer.step runs it after each optimizer step: no Python loop).
 //
 //   y = x Ws + b + ((x V_a) diag(Σ_S)) U_aᵀ,    Ws = (U diag(Σ) Vᵀ)ᵀ over the frozen directions
 //
@@ -199,12 +201,44 @@ at::Tensor sst_linear_autocast(const at::Tensor& x, const at::Tensor& U, const a
                  cached_cast(dt, Va, device), cached_cast(dt, bias, device));
 }
 
+// For each layer i: unit-length columns of U_active[i] (out, r) and V_active[i] (in, r), their norms
+// moved into sigma[i] at active[i] (the function is unchanged), then sigma[i] >= 0. A column with a zero
+// norm is left as it is. Composite (ATen ops only): any device, and the in-place ops bump the versions.
+void sst_renormalize_(at::TensorList U_active, at::TensorList V_active, at::TensorList sigma,
+                      at::TensorList active) {
+  const size_t n = U_active.size();
+  TORCH_CHECK_VALUE(V_active.size() == n && sigma.size() == n && active.size() == n,
+                    "sst_renormalize_: U_active, V_active, sigma and active must be lists of one length, got ",
+                    n, ", ", V_active.size(), ", ", sigma.size(), ", ", active.size());
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor &Ua = U_active[i], &Va = V_active[i], &s = sigma[i], &S = active[i];
+    TORCH_CHECK_VALUE(Ua.dim() == 2 && Va.dim() == 2 && s.dim() == 1 && S.dim() == 1 &&
+                          Ua.size(1) == S.size(0) && Va.size(1) == S.size(0),
+                      "sst_renormalize_: layer ", i, ": expected U_active (out, r), V_active (in, r), "
+                      "sigma (m,), active (r,), got ", Ua.sizes(), ", ", Va.sizes(), ", ", s.sizes(),
+                      ", ", S.sizes());
+    const at::Tensor nu = at::linalg_vector_norm(Ua, 2, at::IntArrayRef{0});
+    const at::Tensor nv = at::linalg_vector_norm(Va, 2, at::IntArrayRef{0});
+    const at::Tensor ok = at::logical_and(nu > 0, nv > 0);
+    Ua.div_(at::where(ok, nu, 1));
+    Va.div_(at::where(ok, nv, 1));
+    s.index_copy_(0, S, s.index_select(0, S) * at::where(ok, nu * nv, 1));
+    s.clamp_min_(0);
+  }
+}
+
 }  // namespace
 }  // namespace relora
 
 TORCH_LIBRARY_FRAGMENT(relora, m) {
   m.def("sst_linear(Tensor x, Tensor U, Tensor V, Tensor sigma, Tensor active, Tensor U_active, "
         "Tensor V_active, Tensor? bias) -> Tensor");
+  m.def("sst_renormalize_(Tensor(a!)[] U_active, Tensor(b!)[] V_active, Tensor(c!)[] sigma, "
+        "Tensor[] active) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(relora, CompositeImplicitAutograd, m) {
+  m.impl("sst_renormalize_", &relora::sst_renormalize_);
 }
 
 TORCH_LIBRARY_IMPL(relora, CompositeExplicitAutograd, m) {
