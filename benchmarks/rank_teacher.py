@@ -13,11 +13,14 @@ and so are the floors:
   ``L ≥ Σ_{i>r} σᵢ(T − W₀)² / d + σ²``;
 - **ReLoRA\\*** at rank ``r`` merges a rank-``r`` update every cycle and can reach rank ``k·r`` after ``k``
   cycles: it can break through LoRA's floor towards full rank's;
+- **GaLore** trains ``W`` itself with Adam's moments kept in a rank-``r`` projection of the gradient,
+  refreshed every period (galore-torch's ``GaLoreAdamW``, scale 0.25 as in train_lm);
 - **SST** (Sparse Spectral Training) trains every singular value and ``r`` sampled singular vector pairs
   at a time (a new sample every cycle), so it is not bound to rank ``r`` either.
 
 Every method gets the same LR sweep (AdamW, the same jagged-cosine schedule, re-warmups only for ReLoRA* and SST),
-the best LR on seed 0 is rerun on every seed, and the loss and the spectrum / effective rank of
+and the methods with a period (ReLoRA*'s cycle, GaLore's projection refresh, SST's iteration) the same sweep of
+its length; the best setting on seed 0 is rerun on every seed, and the loss and the spectrum / effective rank of
 ``W − W₀`` are recorded over training. Writes a JSON summary, a PNG plot and a section of
 ``benchmarks/RESULTS.md``.
 
@@ -42,8 +45,9 @@ import relora_ext  # noqa: E402
 from relora_ext.analysis import UpdateTracker, _effective_weight, effective_rank, optimizer_state_bytes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("full", "lora", "relora", "sst")
-LABELS = {"full": "full-rank", "lora": "LoRA (no resets)", "relora": "ReLoRA*", "sst": "SST"}
+METHODS = ("full", "lora", "relora", "galore", "sst")
+LABELS = {"full": "full-rank", "lora": "LoRA (no resets)", "relora": "ReLoRA*", "galore": "GaLore", "sst": "SST"}
+CYCLED = ("relora", "galore", "sst")  # the methods with a period: ReLoRA* cycle, GaLore projection, SST iteration
 
 
 def make_problem(dim: int, seed: int):
@@ -66,8 +70,10 @@ def lora_floor(teacher: torch.Tensor, w0: torch.Tensor, r: int, noise: float) ->
     return float((s[r:] ** 2).sum() / teacher.shape[0]) + noise ** 2
 
 
-def train_one(method: str, lr: float, seed: int, args, *, record: bool = False) -> dict:
-    """Train one student; returns final loss and (if ``record``) the curves and spectra."""
+def train_one(method: str, lr: float, seed: int, args, *, record: bool = False, period: int = 0) -> dict:
+    """Train one student; returns final loss and (if ``record``) the curves and spectra. ``period``: the
+    ReLoRA* cycle / GaLore refresh / SST iteration in steps (default ``args.reset_every``)."""
+    period = period or args.reset_every
     torch.manual_seed(seed)
     teacher, w0 = make_problem(args.dim, seed)
     layer = nn.Linear(args.dim, args.dim, bias=False)
@@ -78,11 +84,18 @@ def train_one(method: str, lr: float, seed: int, args, *, record: bool = False) 
         tracker = UpdateTracker(layers=[("0", layer)])
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         cycle = args.steps + 1
+    elif method == "galore":
+        from galore_torch import GaLoreAdamW
+
+        tracker = UpdateTracker(layers=[("0", layer)])
+        opt = GaLoreAdamW([{"params": [layer.weight], "rank": args.rank, "update_proj_gap": period,
+                            "scale": 0.25, "proj_type": "std"}], lr=lr, weight_decay=0.0)
+        cycle = args.steps + 1  # one cosine, no re-warmups (as in train_lm)
     else:
         relora_ext.wrap(model, r=args.rank, target_modules=["0"], method="sst" if method == "sst" else "relora")
         tracker = UpdateTracker(model)
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-        cycle = args.reset_every if method in ("relora", "sst") else args.steps + 1
+        cycle = period if method in ("relora", "sst") else args.steps + 1
         opt = relora_ext.ReLoRAOptimizer(inner, model, reset_every=cycle, seed=seed)
     sched = relora_ext.JaggedCosineLR(opt, total_steps=args.steps, warmup_steps=args.warmup,
                                       cycle_length=max(cycle, args.warmup),
@@ -102,8 +115,8 @@ def train_one(method: str, lr: float, seed: int, args, *, record: bool = False) 
             s = tracker.spectra()["0"]
             curve.append((step, population_loss(w_eff(), teacher, args.noise)))
             ranks.append((step, effective_rank(s), effective_rank(s, method="threshold", rtol=args.rtol)))
-        if record and method in ("relora", "sst") and step > 0 and step % args.reset_every == 0:
-            snapshots[step // args.reset_every] = tracker.spectra()["0"].tolist()
+        if record and method in ("relora", "sst") and step > 0 and step % period == 0:
+            snapshots[step // period] = tracker.spectra()["0"].tolist()
         if step == args.steps:
             break
         x = torch.randn(args.batch_size, args.dim, generator=g)
@@ -121,7 +134,8 @@ def train_one(method: str, lr: float, seed: int, args, *, record: bool = False) 
         sched.step()
         opt.zero_grad(set_to_none=True)
     final = math.inf if diverged else population_loss(w_eff(), teacher, args.noise)
-    out = {"method": method, "lr": lr, "seed": seed, "final_loss": final, "diverged": diverged,
+    out = {"method": method, "lr": lr, "period": period if method in CYCLED else None, "seed": seed,
+           "final_loss": final, "diverged": diverged,
            "seconds": time.perf_counter() - t0,
            "optimizer_state_bytes": optimizer_state_bytes(opt),
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -141,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="LoRA / ReLoRA* rank r")
     p.add_argument("--noise", type=float, default=0.1, help="label noise std σ (full-rank floor σ²)")
     p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--reset-every", type=int, default=200, help="ReLoRA* cycle length")
+    p.add_argument("--reset-every", type=int, default=200, help="ReLoRA* cycle length (period) without a sweep")
+    p.add_argument("--periods", type=int, nargs="+", default=[50, 200],
+                   help="the period sweep (ReLoRA* cycle, GaLore refresh, SST iteration), with the LR sweep")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--restart-warmup", type=int, default=20)
     p.add_argument("--min-lr-ratio", type=float, default=0.01)
@@ -169,11 +185,15 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     sweep = {m: {} for m in METHODS}
     for m in METHODS:
-        for lr in args.lrs:
-            sweep[m][lr] = train_one(m, lr, args.seeds[0], args)["final_loss"]
-            print(f"sweep {m:7s} lr={lr:g}: final loss {sweep[m][lr]:.5f}", flush=True)
-    best_lr = {m: min(sweep[m], key=lambda lr: (not math.isfinite(sweep[m][lr]), sweep[m][lr])) for m in METHODS}
-    runs = {m: [train_one(m, best_lr[m], s, args, record=True) for s in args.seeds] for m in METHODS}
+        for period in (args.periods if m in CYCLED else [0]):
+            for lr in args.lrs:
+                sweep[m][(lr, period)] = train_one(m, lr, args.seeds[0], args, period=period)["final_loss"]
+                print(f"sweep {m:7s} lr={lr:g} period={period}: final loss {sweep[m][(lr, period)]:.5f}", flush=True)
+    best = {m: min(sweep[m], key=lambda k: (not math.isfinite(sweep[m][k]), sweep[m][k])) for m in METHODS}
+    best_lr = {m: best[m][0] for m in METHODS}
+    best_period = {m: best[m][1] or None for m in METHODS}
+    runs = {m: [train_one(m, best[m][0], s, args, record=True, period=best[m][1]) for s in args.seeds]
+            for m in METHODS}
     floors = []
     for s in args.seeds:
         teacher, w0 = make_problem(args.dim, s)
@@ -189,8 +209,9 @@ def run(args) -> dict:
     summary = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "provenance": prov,
-        "sweep": {m: {str(lr): v for lr, v in d.items()} for m, d in sweep.items()},
+        "sweep": {m: {f"lr={lr:g} period={pe}": v for (lr, pe), v in d.items()} for m, d in sweep.items()},
         "best_lr": best_lr,
+        "best_period": best_period,
         "lora_floor": floors,
         "noise_floor": args.noise ** 2,
         "target": target,
@@ -204,6 +225,7 @@ def run(args) -> dict:
         "relora_vs_lora_floor": fl / f["relora"],          # >= 10 wanted
         "relora_vs_full": f["relora"] / f["full"],         # <= 2 wanted
         "lora_vs_lora_floor": f["lora"] / fl,              # ~1: LoRA reaches its floor
+        "sst_vs_relora": f["sst"] / f["relora"],           # <= 1 wanted (issue 12)
     }
     summary["goals"]["met"] = bool(summary["goals"]["relora_vs_lora_floor"] >= 10 and summary["goals"]["relora_vs_full"] <= 2)
     summary["wall_seconds"] = time.perf_counter() - t_start
@@ -217,7 +239,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cfg = summary["config"]
-    colors = {"full": "black", "lora": "tab:blue", "relora": "tab:red", "sst": "tab:green"}
+    colors = {"full": "black", "lora": "tab:blue", "relora": "tab:red", "galore": "tab:orange", "sst": "tab:green"}
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
     for m in METHODS:
         for i, r in enumerate(summary["runs"][m]):
@@ -232,7 +254,7 @@ def plot(summary: dict, path: Path) -> None:
     ax[0].set_yscale("log")
     ax[0].set_xlabel("step")
     ax[0].set_ylabel("population loss ‖W−T‖²/d + σ²")
-    ax[0].set_title(f"Rank teacher d={cfg['dim']}, r={cfg['rank']}, cycle {cfg['reset_every']} steps")
+    ax[0].set_title(f"Rank teacher d={cfg['dim']}, r={cfg['rank']}")
     ax[0].legend(fontsize=8)
     ax[1].axhline(cfg["rank"], color="tab:blue", ls="--", lw=1, label=f"r = {cfg['rank']}")
     ax[1].axhline(summary["target"]["rank_threshold"], color="gray", ls=":", lw=1, label="rank of T − W₀")
@@ -273,29 +295,32 @@ def results_markdown(summary: dict, plot_path: Path) -> str:
         "## Rank teacher: LoRA's floor, ReLoRA* and SST breaking through it",
         "",
         f"Student `W (d, d)` learns `y = T x + ε`, d = {cfg['dim']}, r = {cfg['rank']}, σ = {cfg['noise']}, "
-        f"{cfg['steps']} AdamW steps of batch {cfg['batch_size']}, ReLoRA* cycle / SST iteration {cfg['reset_every']} steps "
-        f"(restart warmup {cfg['restart_warmup']}), jagged cosine LR (floor {cfg['min_lr_ratio']}). LR picked per "
-        f"method from {cfg['lrs']} on seed {cfg['seeds'][0]}; the table is the mean over seeds {cfg['seeds']} of the "
+        f"{cfg['steps']} AdamW steps of batch {cfg['batch_size']}, jagged cosine LR (floor {cfg['min_lr_ratio']}; "
+        f"restart warmup {cfg['restart_warmup']} after each ReLoRA* cycle / SST iteration). LR picked per method from "
+        f"{cfg['lrs']} and the period (ReLoRA* cycle, GaLore projection refresh, SST iteration) from {cfg['periods']} "
+        f"steps, on seed {cfg['seeds'][0]}; the table is the mean over seeds {cfg['seeds']} of the "
         "exact population loss `‖W−T‖²/d + σ²` at the end.",
         "",
-        "| method | best LR | final loss (mean) | per seed | rank of W−W₀ (σ>1%·σ_max) | eff. rank (entropy) | trainable | optimizer state |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | best LR | best period | final loss (mean) | per seed | rank of W−W₀ (σ>1%·σ_max) | eff. rank (entropy) | trainable | optimizer state |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in METHODS:
         rs = summary["runs"][m]
         lines.append(
-            f"| {LABELS[m]} | {summary['best_lr'][m]:g} | {f[m]:.4g} | {', '.join(format(r['final_loss'], '.4g') for r in rs)} | "
+            f"| {LABELS[m]} | {summary['best_lr'][m]:g} | {summary['best_period'][m] or '—'} | {f[m]:.5f} | {', '.join(format(r['final_loss'], '.5f') for r in rs)} | "
             f"{rs[0]['final_rank_threshold']:.0f} | {rs[0]['final_rank_entropy']:.1f} | {rs[0]['trainable']} | "
             f"{rs[0]['optimizer_state_bytes']} B |")
     lines += [
-        f"| *reference: LoRA floor (Eckart–Young, r={cfg['rank']})* | | {fl:.4g} | | {cfg['rank']} | | | |",
-        f"| *reference: noise floor σ²* | | {summary['noise_floor']:.4g} | | {summary['target']['rank_threshold']:.0f} (T−W₀) | "
+        f"| *reference: LoRA floor (Eckart–Young, r={cfg['rank']})* | | | {fl:.5f} | | {cfg['rank']} | | | |",
+        f"| *reference: noise floor σ²* | | | {summary['noise_floor']:.5f} | | {summary['target']['rank_threshold']:.0f} (T−W₀) | "
         f"{summary['target']['rank_entropy']:.1f} (T−W₀) | | |",
         "",
         "Goals (issue 4): ReLoRA* at least 10× below LoRA's floor: "
         f"**{g['relora_vs_lora_floor']:.1f}×** ({'met' if g['relora_vs_lora_floor'] >= 10 else 'NOT met'}); "
         f"within 2× of full rank: **{g['relora_vs_full']:.2f}×** ({'met' if g['relora_vs_full'] <= 2 else 'NOT met'}). "
-        f"LoRA ends at {g['lora_vs_lora_floor']:.3f}× its theoretical floor. "
+        f"LoRA ends at {g['lora_vs_lora_floor']:.3f}× its theoretical floor. Goal (issue 12): SST at or below "
+        f"ReLoRA*'s final loss: SST / ReLoRA* = **{g['sst_vs_relora']:.3f}** ({'met' if g['sst_vs_relora'] <= 1 else 'NOT met'}); "
+        f"excess over the noise floor: SST {f['sst'] - summary['noise_floor']:.2e}, ReLoRA* {f['relora'] - summary['noise_floor']:.2e}. "
         "(Rank and spectrum columns: seed 0. Optimizer state: AdamW's `exp_avg`/`exp_avg_sq` of the trained tensors.)",
         "",
         f"![rank teacher]({rel})",
@@ -309,7 +334,7 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.dim, args.rank, args.steps, args.reset_every = 32, 4, 1200, 100
-        args.lrs, args.seeds, args.eval_every = [1e-2, 3e-2], [0], 100
+        args.lrs, args.seeds, args.eval_every, args.periods = [1e-2, 3e-2], [0], 100, [100]
         args.write_results = False
     summary = run(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -490,7 +490,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", choices=("sweep", "final", "memory", "report", "all"), default="all")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:5]))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=[*METHODS[:5], "sst"])
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
