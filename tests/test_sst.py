@@ -315,3 +315,29 @@ def test_wrap_sst_with_weight_dtype_trains_and_checkpoints(tmp_path):
                             fp32, reset_every=3, seed=0)
     with pytest.raises(ValueError, match="weight_dtype"):
         load_checkpoint(tmp_path / "c.pt", model=fp32, optimizer=opt32)
+
+
+def test_renormalize_every_layer_in_one_call():
+    from relora_ext.sst import renormalize_
+
+    layers = [layer_of(out, inp, r=2, seed=i)[1] for i, (out, inp) in enumerate([(12, 20), (7, 5), (9, 9)])]
+    x = [torch.randn(4, m.in_features, dtype=torch.float64) for m in layers]
+    with torch.no_grad():
+        for m in layers:
+            m.U_active.mul_(1.3).add_(0.02)
+            m.V_active.mul_(0.7)
+            m.U_active[:, 1] = 0  # a zero column is left as it is, its Σ too
+    for m in layers:
+        m.double()
+    before = [m(xi) for m, xi in zip(layers, x)]
+    sig = [m.sigma.detach().clone() for m in layers]
+    versions = [m.U_active._version for m in layers]
+    renormalize_(layers)
+    for m, xi, y, s, v in zip(layers, x, before, sig, versions):
+        torch.testing.assert_close(torch.linalg.vector_norm(m.U_active[:, 0]).item(), 1.0)
+        torch.testing.assert_close(torch.linalg.vector_norm(m.V_active[:, 0]).item(), 1.0)
+        assert bool((m.U_active[:, 1] == 0).all()) and m.sigma[m.active[1]] == s[m.active[1]]
+        torch.testing.assert_close(m(xi), y)            # the function is unchanged
+        assert m.U_active._version > v                   # in place: a stale graph would notice
+    with pytest.raises(ValueError, match="lists of one length"):
+        torch.ops.relora.sst_renormalize_([layers[0].U_active], [], [layers[0].sigma], [layers[0].active])
