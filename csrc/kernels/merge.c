@@ -661,6 +661,16 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
     if (nc < NR) nc = NR;
     const int64_t ipad = (I + NR - 1) / NR * NR;
     if (nc > ipad) nc = ipad;
+    {   /* several column panels: as many as a multiple of the threads, of (nearly) equal widths, so that
+         * the static schedule (column panel outer) gives every thread the same work: e.g. I = 5632 at
+         * r = 64 would otherwise be 5 panels of 1024 and one of 512, 3 : 2.5 between two threads */
+        const int64_t ns_all = ipad / NR;
+        int64_t np = (ipad + nc - 1) / nc;
+        if (np > 1) {
+            np = (np + nt - 1) / nt * nt;
+            nc = (ns_all + np - 1) / np * NR;
+        }
+    }
     const int64_t n_ic = (O + MC - 1) / MC, n_jc = (I + nc - 1) / nc;
     const int64_t ntiles = n_ic * n_jc;
     const int stochastic = rounding == RELORA_ROUND_STOCHASTIC && wdtype != RELORA_F32;
@@ -706,6 +716,12 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
                                      ncw, words + r * nc);
                 for (int64_t s = 0; s < ns; s++) {
                     const int nr = ncw - s * NR < NR ? (int)(ncw - s * NR) : NR;
+                    /* W under the next row sliver, so that it is in cache when that sliver's epilogue comes
+                     * (measured: without it the W traffic does not overlap the product; 5-15% at r = 64) */
+                    if (q + 1 < nq)
+                        for (int64_t r = 0; r < MR && (q + 1) * MR + r < mc; r++)
+                            for (int64_t b = 0; b < NR * wes; b += 64)
+                                __builtin_prefetch((const char *)W + ((i0 + (q + 1) * MR + r) * ldw + j0 + s * NR) * wes + b, 0, 3);
                     if (dp) kernel_dp(ct, bp, ap, R, q, s);
                     else kernel_mrxnr(ct, bp + q * R * MR, ap + s * R * NR, R);
                     char *w0 = (char *)W + ((i0 + q * MR) * ldw + j0 + s * NR) * wes;
