@@ -161,9 +161,7 @@ def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync, b
 
 def merge_path(dtype, r) -> str:
     """The path merge_ takes on CPU at the level that runs (csrc/ops/cpu/cycle_kernels.cpp)."""
-    if relora_ext.cpu_capability() != "default":
-        return "kernel"
-    return "blas" if r >= (8 if dtype == torch.float32 else 32) else "kernel"
+    return "blas" if relora_ext.cpu_capability() == "default" and r >= 32 else "kernel"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -629,6 +629,10 @@ relora_status lora_merge_add(void *W, relora_dtype wdtype, int64_t ldw, const fl
     for (int64_t r = 0; r < rows; r++) {
         uint32_t words[NR];
         const int64_t i = row0 + r;
+        if (r + 1 < rows) /* the next row of W, whose lines the hardware prefetcher would fetch late:
+                           * it restarts at every row (and 4 KiB page) */
+            for (int64_t b = 0; b < cols * wes; b += 64)
+                __builtin_prefetch((const char *)W + ((i + 1) * ldw + col0) * wes + b, 0, 3);
         if (wdtype == RELORA_F32) { /* the one rounding of apply_row, on the whole row */
             add_scaled_f32((float *)W + i * ldw + col0, C + r * ldc, cols, scale, inv);
             continue;

@@ -4,7 +4,7 @@
 //
 // merge_ takes one of two paths:
 //   kernel  lora_merge: our register-blocked product with the one-rounding epilogue fused in;
-//   blas    the product through ATen (torch's BLAS) on panels of whole rows of W, each into a per-thread
+//   blas    the product through ATen (torch's BLAS) on 256 x 256 tiles of W, each into a per-thread
 //           fp32 buffer, then our one-rounding epilogue (lora_merge_add). The checks, the NaN/Inf scan of A and B
 //           included, run before any of W is touched, and no W-sized temporary is made.
 // "auto" chooses by measurement (benchmarks/RESULTS.md, bench_ops): see merge_takes_blas.
@@ -42,38 +42,36 @@ namespace {
 
 // The measured choice (bench_ops.py at every level of a Zen 4, benchmarks/RESULTS.md): from avx2 up our
 // fused kernel matches or beats torch's BLAS at every rank, so it always runs. At the baseline level
-// (SSE2, no FMA) our kernel is limited to 4-lane mul + add while torch's BLAS still uses the best
-// instructions the CPU has: there the BLAS product wins for an fp32 W from r = 8 (at r = 8 the two
-// paths are within noise of each other, 0.9-1.2x), and for bf16/fp16 W once the merge is
-// compute-bound (r >= 32); below that the kernel, which moves W once, is as fast or faster.
+// (SSE2, no FMA: 117 GFLOP/s on 2 Zen 4 cores, benchmarks/cpu_peak.c) our kernel cannot keep up with
+// torch's BLAS, which still uses the best instructions the CPU has (~185 GFLOP/s): there the BLAS product
+// wins once the merge is compute-bound (r >= 32), for every dtype of W; below that the kernel, which
+// moves W once, is as fast or faster (r = 8, fp32 W: 1.35-1.6x addmm_ against 1.5-1.7x for BLAS).
 bool merge_takes_blas(relora_dtype wdt, relora_dtype adt, int64_t O, int64_t I, int64_t R) {
-  (void)adt; (void)O; (void)I;
+  (void)wdt; (void)adt; (void)O; (void)I;
   const int mode = merge_path_mode.load();
   if (mode != 0) return mode == 2;
-  return relora_cpu_level() == RELORA_CPU_DEFAULT && R >= (wdt == RELORA_F32 ? 8 : 32);
+  return relora_cpu_level() == RELORA_CPU_DEFAULT && R >= 32;
 }
 
-// W (O, I) += scale * B @ A: W is cut into panels of whole rows (up to 8192 columns), about 256 K
-// elements each (64 rows of a 4096-wide W), spread over torch's threads; each thread computes a panel's
-// product with at::mm (torch's BLAS, single-threaded inside the parallel region) into its own fp32
-// buffer (1 MB, in L2) while our epilogue adds it into W with one rounding. Measured on a Zen 4 at the
-// default level (RESULTS.md): panels of whole rows beat 256 x 256 tiles by 15-30% at r = 8 and 64
-// (the epilogue streams W's rows 16-32 KB at a time instead of 1 KB), and match them at r = 256.
+// W (O, I) += scale * B @ A: W is cut into tiles of at most TILE x TILE, spread over torch's threads;
+// each thread computes a tile's product with at::mm (torch's BLAS, single-threaded inside the parallel
+// region) into its own fp32 buffer (256 KB: it stays in L2 while our epilogue adds it into W with one
+// rounding, prefetching W's next row). Square tiles keep BLAS's packing of A and B small next to the
+// tile's flops. Measured at the default level (Zen 4, r = 64 and 256): panels of 64 whole rows made
+// the epilogue cheaper but BLAS's product 15-35% slower at r = 256; 256 x 1024 tiles were no better.
 void merge_blas(const at::Tensor& W, relora_dtype wdt, int64_t ldw, const at::Tensor& A,
                 const at::Tensor& B, float scale, relora_rounding rounding, uint64_t seed) {
-  constexpr int64_t PANEL = 262144, MAX_COLS = 8192;
+  constexpr int64_t TILE = 256;
   const int64_t O = W.size(0), I = W.size(1);
   if (O == 0 || I == 0) return;
-  const int64_t TN = std::min(I, MAX_COLS);
-  const int64_t TM = std::min(O, std::max<int64_t>(8, PANEL / TN));
   const at::Tensor A32 = A.to(at::kFloat).contiguous(), B32 = B.to(at::kFloat).contiguous();
-  const int64_t n_i = (O + TM - 1) / TM, n_j = (I + TN - 1) / TN;
+  const int64_t n_i = (O + TILE - 1) / TILE, n_j = (I + TILE - 1) / TILE;
   void* const w = W.data_ptr();
   at::parallel_for(0, n_i * n_j, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor C = at::empty({TM, TN}, A32.options());
+    at::Tensor C = at::empty({TILE, TILE}, A32.options());
     for (int64_t t = t0; t < t1; t++) {
-      const int64_t i0 = (t / n_j) * TM, j0 = (t % n_j) * TN;
-      const int64_t m = std::min(TM, O - i0), n = std::min(TN, I - j0);
+      const int64_t i0 = (t / n_j) * TILE, j0 = (t % n_j) * TILE;
+      const int64_t m = std::min(TILE, O - i0), n = std::min(TILE, I - j0);
       at::Tensor Cmn = C.view({-1}).narrow(0, 0, m * n).view({m, n});
       at::mm_out(Cmn, B32.narrow(0, i0, m), A32.narrow(1, j0, n));
       check_status(lora_merge_add(w, wdt, ldw, Cmn.const_data_ptr<float>(), n, i0, m, j0, n, I, scale,
