@@ -379,10 +379,15 @@ def main():
     except (OSError, StopIteration):
         pass
     paths = ("Merge path on CPU (`path` column, csrc/ops/cpu/cycle_kernels.cpp), chosen from these "
-             "measurements: `kernel` (our fused product + one-rounding epilogue) everywhere from avx2 up; "
-             "at the `default` level `blas` (torch's BLAS product on 256×256 tiles + our one-rounding "
-             "epilogue) for r ≥ 32, because torch's BLAS keeps using the CPU's best instructions there. "
-             "`other path ms` is the path not taken, forced, for comparison.")
+             "measurements: `kernel` (our fused product + one-rounding epilogue) for every dtype and rank "
+             "from avx2 up, and at the `default` level for r < 32; `blas` (torch's BLAS product on 256×256 "
+             "tiles + our one-rounding epilogue) at the `default` level for r ≥ 32, because torch's BLAS "
+             "keeps using the CPU's best instructions there (~185 GFLOP/s fp32, against 117 GFLOP/s for "
+             "SSE2 mul + add on this CPU, benchmarks/cpu_peak.c). At levels without FMA (`default`), an "
+             "fp32 W with a power-of-two scale (alpha/r, both powers of two; every case here, s = 1/r) is "
+             "updated with an fp32 mul + add, exact there; any other scale goes through double. "
+             "`other path ms` is the path not taken, forced, for comparison. See \"Merge: where the time "
+             "goes\" below for the breakdown and the bf16 roofline.")
     text = "\n\n".join([
         f"## Native ops (issues 2, 10), {device}\n\n`{cmd}` — {cpu} ({flags}); "
         f"{time.perf_counter() - t0:.0f} s; 1-min load average at start {load0:.2f} (2 cores shared with "

@@ -4,7 +4,10 @@
  * Same kernels, same semantics and same random streams as the torch operators: reset and prune are
  * bit-identical for the same data; merge too, except where torch's merge_ takes its BLAS path (the
  * `default` level at large r), which can differ in the last float32 bit. This module always runs the
- * fused kernel, at the level RELORA_CPU_CAPABILITY allows. Arrays are float32 or float16 (NumPy has no bfloat16),
+ * fused kernel, at the level RELORA_CPU_CAPABILITY allows (read at the first kernel call, or at import).
+ * This module links its own copy of the kernels, so its level is its own: cpu_capability() says which
+ * level runs, _set_cpu_capability(name) forces one the CPU has (tests, benchmarks), as relora_ext._C's
+ * functions of the same names do for the torch operators. Arrays are float32 or float16 (NumPy has no bfloat16),
  * native byte order, aligned; the written arrays must be writeable. The GIL is released while a
  * kernel runs.
  */
@@ -17,6 +20,7 @@
 #include <stdio.h>
 #undef I /* <complex.h>, pulled in by NumPy, defines I; the kernels use it as a shape letter */
 
+#include "kernels/cpu.h"
 #include "kernels/merge.h"
 #include "kernels/prune.h"
 #include "kernels/reset.h"
@@ -267,6 +271,48 @@ static PyObject *py_prune(PyObject *self, PyObject *args, PyObject *kwargs)
     return PyLong_FromLongLong((long long)kept);
 }
 
+/* ---- the instruction-set level (kernels/cpu.h) ---- */
+
+static PyObject *py_cpu_capability(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    return PyUnicode_FromString(relora_cpu_level_name(relora_cpu_level()));
+}
+
+static PyObject *py_cpu_capabilities(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    const int best = relora_cpu_best_level();
+    PyObject *out = PyTuple_New(best + 1);
+    if (out == NULL) return NULL;
+    for (int l = 0; l <= best; l++) {
+        PyObject *name = PyUnicode_FromString(relora_cpu_level_name(l));
+        if (name == NULL) { Py_DECREF(out); return NULL; }
+        PyTuple_SET_ITEM(out, l, name);
+    }
+    return out;
+}
+
+static PyObject *py_set_cpu_capability(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyUnicode_Check(arg))
+        return PyErr_Format(PyExc_TypeError, "_set_cpu_capability: level must be a str, got %s",
+                            Py_TYPE(arg)->tp_name);
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (name == NULL) return NULL;
+    const int level = relora_cpu_level_from_name(name);
+    if (level < 0)
+        return PyErr_Format(PyExc_ValueError,
+                            "_set_cpu_capability: level must be one of default, avx2, avx512, avx512_bf16 "
+                            "(those built for this architecture), got '%s'", name);
+    if (relora_cpu_set_level(level) != RELORA_OK)
+        return PyErr_Format(PyExc_ValueError,
+                            "_set_cpu_capability: this CPU does not support '%s' (its best level is '%s')",
+                            name, relora_cpu_level_name(relora_cpu_best_level()));
+    Py_RETURN_NONE;
+}
+
 /* ---- the module ---- */
 
 static PyMethodDef numpy_methods[] = {
@@ -280,6 +326,15 @@ static PyMethodDef numpy_methods[] = {
      "prune_(x, ratio, *, mode='magnitude', seed=0, offset=0, nthreads=0)\n--\n\n"
      "Zero all but n - floor(ratio * n) largest-|x| entries (or a random 1 - ratio share); "
      "returns the number kept."},
+    {"cpu_capability", py_cpu_capability, METH_NOARGS,
+     "cpu_capability()\n--\n\n"
+     "The instruction-set level this module's kernels run: 'default', 'avx2', 'avx512' or 'avx512_bf16' "
+     "(the CPU's best, unless RELORA_CPU_CAPABILITY names a lower one)."},
+    {"_cpu_capabilities", py_cpu_capabilities, METH_NOARGS,
+     "_cpu_capabilities()\n--\n\nThe levels this build and this CPU can run, lowest first."},
+    {"_set_cpu_capability", py_set_cpu_capability, METH_O,
+     "_set_cpu_capability(level)\n--\n\n"
+     "Run this module's kernels at the named level (tests, benchmarks); ValueError if the CPU lacks it."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -292,5 +347,6 @@ static struct PyModuleDef numpy_module = {
 PyMODINIT_FUNC PyInit__numpy(void)
 {
     import_array();
+    (void)relora_cpu_level(); /* pick the level now (RELORA_CPU_CAPABILITY), as relora_ext does for _C */
     return PyModule_Create(&numpy_module);
 }

@@ -1,6 +1,7 @@
 """relora_ext._numpy: the same C kernels on NumPy arrays, bit-identical to the torch ops."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -144,3 +145,49 @@ def test_every_level_matches_torch(level):
     out = subprocess.run([sys.executable, "-c", f"LEVEL = {level!r}\n" + _LEVEL_CHECK], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_cpu_capability_setter():
+    """_numpy has its own level (its own copy of the kernels): cpu_capability() says which runs, and
+    _set_cpu_capability forces every level the CPU has; results stay those of the torch ops."""
+    levels = _numpy._cpu_capabilities()
+    assert levels[0] == "default" and _numpy.cpu_capability() in levels
+    rng = np.random.default_rng(3)
+    W0 = rng.standard_normal((33, 70)).astype(np.float32)
+    A = rng.standard_normal((5, 70)).astype(np.float32)
+    B = rng.standard_normal((33, 5)).astype(np.float32)
+    exact = W0.astype(np.float64) + 0.3 * (B.astype(np.float64) @ A.astype(np.float64))
+    bound = (5 + 2) * 2.0 ** -24 * (np.abs(W0) + 0.3 * (np.abs(B) @ np.abs(A)))  # fp32 sum, one rounding
+    x0 = rng.standard_normal(4099).astype(np.float32)
+    before = _numpy.cpu_capability()
+    try:
+        kept = []
+        for level in levels:
+            _numpy._set_cpu_capability(level)
+            assert _numpy.cpu_capability() == level
+            W = W0.copy()
+            _numpy.merge_(W, A, B, 0.3)
+            assert (np.abs(W - exact) <= bound).all()
+            x = x0.copy()
+            _numpy.prune_(x, 0.9)
+            kept.append(x)
+        assert all(np.array_equal(k, kept[0]) for k in kept)  # bit-identical at every level
+    finally:
+        _numpy._set_cpu_capability(before)
+    with pytest.raises(ValueError, match="level must be one of"):
+        _numpy._set_cpu_capability("sse9")
+    with pytest.raises(TypeError, match="must be a str"):
+        _numpy._set_cpu_capability(3)
+
+
+@pytest.mark.parametrize("level", ["default", "avx2", "avx512", "avx512_bf16"])
+def test_cpu_capability_env(level):
+    """RELORA_CPU_CAPABILITY lowers _numpy's level as it does _C's (a fresh process reads it)."""
+    import subprocess
+    import sys
+    if level not in _numpy._cpu_capabilities():
+        pytest.skip(f"this CPU lacks {level}")
+    env = {**os.environ, "RELORA_CPU_CAPABILITY": level}
+    out = subprocess.run([sys.executable, "-c", "from relora_ext import _numpy; print(_numpy.cpu_capability())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == level

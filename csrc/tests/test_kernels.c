@@ -314,6 +314,55 @@ static void test_merge_accuracy(void)
     printf("merge: %d cases, max |err| / tol = %.3f\n", cases, worst_all);
 }
 
+/* fp32 W, power-of-two scale: the epilogue (lora_merge_add, and lora_merge with R = 1, whose sum is one
+ * exact product) is exactly fmaf(scale, c, w) at every level, including where scale * c underflows into
+ * the subnormals or overflows (levels without FMA take a fast fp32 path there only when scale * c is
+ * exact, merge.c). Inputs: random magnitudes over the whole exponent range, and ties. */
+static void test_merge_add_pow2_exact(void)
+{
+    static const float scales[] = {0.5f, 0.125f, 2.0f, -0.25f, 0x1.0p-60f, 0x1.0p+60f, 0x1.0p-120f};
+    const int64_t O = 9, I = 203;
+    float *W = xmalloc(sizeof(float) * (size_t)(O * I)), *W0 = xmalloc(sizeof(float) * (size_t)(O * I));
+    float *C = xmalloc(sizeof(float) * (size_t)(O * I));
+    int bad = 0;
+    for (size_t si = 0; si < sizeof scales / sizeof scales[0]; si++) {
+        const float s = scales[si];
+        for (int64_t e = 0; e < O * I; e++) {
+            const int kind = (int)(e % 5);
+            const double u = rng_normal();
+            W0[e] = (float)(u * ldexp(1.0, (int)(e % 61) - 30));
+            if (kind == 0) C[e] = (float)(rng_normal() * ldexp(1.0, -140 + (int)(e % 40))); /* s*c tiny */
+            else if (kind == 1) C[e] = (float)(rng_normal() * 0x1.0p100);                 /* s*c huge */
+            else if (kind == 2) C[e] = ldexpf(1.0f, -25) * (float)(1 + 2 * (e % 7)) / s;   /* near ties */
+            else C[e] = (float)rng_normal() * W0[e];
+            if (!isfinite(C[e])) C[e] = 1.0f;
+        }
+        memcpy(W, W0, sizeof(float) * (size_t)(O * I));
+        CHECK(lora_merge_add(W, RELORA_F32, I, C, I, 0, O, 0, I, I, s, RELORA_ROUND_NEAREST, 0, 2) == RELORA_OK,
+              "lora_merge_add");
+        for (int64_t e = 0; e < O * I; e++) {
+            const float want = fmaf(s, C[e], W0[e]);
+            if (memcmp(&want, &W[e], 4) != 0 && !(want != want && W[e] != W[e])) bad++;
+        }
+        /* R = 1 through lora_merge: B = 1, A = one row of C */
+        const float one[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+        memcpy(W, W0, sizeof(float) * (size_t)(O * I));
+        int finite = 1;
+        for (int64_t j = 0; j < I; j++) finite &= isfinite(C[j]);
+        if (finite) {
+            CHECK(lora_merge(W, RELORA_F32, I, one, C, RELORA_F32, O, I, 1, s, RELORA_ROUND_NEAREST, 0, 2) == RELORA_OK,
+                  "lora_merge R = 1");
+            for (int64_t e = 0; e < O * I; e++) {
+                const float want = fmaf(s, C[e % I], W0[e]);
+                if (memcmp(&want, &W[e], 4) != 0 && !(want != want && W[e] != W[e])) bad++;
+            }
+        }
+    }
+    printf("merge fp32 W, power-of-two scale: %d results differ from fmaf\n", bad);
+    CHECK(bad == 0, "merge with a power-of-two scale must equal fmaf(scale, c, w) (%d differ)", bad);
+    free(W); free(W0); free(C);
+}
+
 /* Stochastic rounding: deterministic across thread counts, unbiased, one of the two neighbours. */
 static void test_merge_stochastic(void)
 {
@@ -729,6 +778,7 @@ int main(void)
         g_via_add = 1;
         test_merge_accuracy();
         g_via_add = 0;
+        test_merge_add_pow2_exact();
         test_merge_stochastic();
         test_merge_refusals();
         test_reset();

@@ -42,9 +42,10 @@ namespace {
 
 // The measured choice (bench_ops.py at every level of a Zen 4, benchmarks/RESULTS.md): from avx2 up our
 // fused kernel matches or beats torch's BLAS at every rank, so it always runs. At the baseline level
-// (SSE2, no FMA) our kernel is limited to 4-lane mul + add while torch's BLAS still uses the best
-// instructions the CPU has: there the BLAS product wins once the merge is compute-bound (r >= 32),
-// for every dtype of W; below that the kernel, which moves W once, is as fast or faster.
+// (SSE2, no FMA: 117 GFLOP/s on 2 Zen 4 cores, benchmarks/cpu_peak.c) our kernel cannot keep up with
+// torch's BLAS, which still uses the best instructions the CPU has (~185 GFLOP/s): there the BLAS product
+// wins once the merge is compute-bound (r >= 32), for every dtype of W; below that the kernel, which
+// moves W once, is as fast or faster (r = 8, fp32 W: 1.35-1.6x addmm_ against 1.5-1.7x for BLAS).
 bool merge_takes_blas(relora_dtype wdt, relora_dtype adt, int64_t O, int64_t I, int64_t R) {
   (void)wdt; (void)adt; (void)O; (void)I;
   const int mode = merge_path_mode.load();
@@ -55,7 +56,9 @@ bool merge_takes_blas(relora_dtype wdt, relora_dtype adt, int64_t O, int64_t I, 
 // W (O, I) += scale * B @ A: W is cut into tiles of at most TILE x TILE, spread over torch's threads;
 // each thread computes a tile's product with at::mm (torch's BLAS, single-threaded inside the parallel
 // region) into its own fp32 buffer (256 KB: it stays in L2 while our epilogue adds it into W with one
-// rounding). Square tiles keep BLAS's packing of A and B small next to the tile's flops.
+// rounding, prefetching W's next row). Square tiles keep BLAS's packing of A and B small next to the
+// tile's flops. Measured at the default level (Zen 4, r = 64 and 256): panels of 64 whole rows made
+// the epilogue cheaper but BLAS's product 15-35% slower at r = 256; 256 x 1024 tiles were no better.
 void merge_blas(const at::Tensor& W, relora_dtype wdt, int64_t ldw, const at::Tensor& A,
                 const at::Tensor& B, float scale, relora_rounding rounding, uint64_t seed) {
   constexpr int64_t TILE = 256;
