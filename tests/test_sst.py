@@ -41,11 +41,12 @@ def test_function_unchanged_by_renormalize_resample_and_resvd(dtype, tol):
     assert bool((sst.sigma >= 0).all())
 
 
-def test_enhanced_gradient_float64():
+@pytest.mark.parametrize("tokens", [5, 13])  # fewer tokens than out: U diag(Σ) Vᵀ recomputed, else kept
+def test_enhanced_gradient_float64(tokens):
     """U_active[:, i] gets ∂L/∂W · V_i and V_active[:, i] gets (∂L/∂W)ᵀ U_i (no Σ_i); x and Σ the true gradients."""
     _, sst = layer_of(out=9, inp=11, r=4, dtype=torch.float64)
-    x = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
-    R = torch.randn(5, 9, dtype=torch.float64)
+    x = torch.randn(tokens, 11, dtype=torch.float64, requires_grad=True)
+    R = torch.randn(tokens, 9, dtype=torch.float64)
     (sst(x) * R).sum().backward()
     W = sst.weight_sst()
     dW = R.t() @ x.detach()                              # ∂L/∂W for y = x Wᵀ

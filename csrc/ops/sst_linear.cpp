@@ -16,7 +16,9 @@
 //   ∂Σ   = diag(Uᵀ (Gᵀ x) V), plus Σ_n (G U_a) ∘ h_a at S     the true gradient
 //   ∂U_a = Gᵀ h_a           ∂V_a = xᵀ (G U_a)                  SST's enhanced gradient (no Σ_S)
 //   ∂b   = Σ_n G
-// Saved for backward: x and h_a (N, r). The backward uses out-of-place ops only, and recomputes h_a under
+// Saved for backward: x, h_a (N, r), and the frozen product U diag(Σ) Vᵀ when it is no larger than x
+// (out <= N: it then costs less memory than x itself and saves the backward an out·in·m product; measured,
+// bench_step.py). The backward uses out-of-place ops only, and recomputes h_a and that product under
 // create_graph, so it is itself differentiable (double backward).
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -78,8 +80,8 @@ at::Tensor frozen_weight(const at::Tensor& U, const at::Tensor& V, const at::Ten
   return at::mm(as_dtype(U, sigma.scalar_type()) * sigma, as_dtype(V, sigma.scalar_type()).t());
 }
 
-// y (N, out) and h_a (N, r) for x2 (N, in).
-std::tuple<at::Tensor, at::Tensor> forward_2d(const at::Tensor& x2, const at::Tensor& U,
+// y (N, out), h_a (N, r) and the frozen product W (out, in) for x2 (N, in).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_2d(const at::Tensor& x2, const at::Tensor& U,
                                               const at::Tensor& V, const at::Tensor& sigma,
                                               const at::Tensor& active, const at::Tensor& Ua,
                                               const at::Tensor& Va,
@@ -88,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> forward_2d(const at::Tensor& x2, const at::Te
   at::Tensor y = given(bias) ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
   at::Tensor ha = at::mm(x2, Va);
   y.addmm_(ha * sigma.index_select(0, active), Ua.t());
-  return {std::move(y), std::move(ha)};
+  return {std::move(y), std::move(ha), std::move(W)};
 }
 
 at::Tensor out_shape(const at::Tensor& y2, const at::Tensor& x) {
@@ -113,13 +115,13 @@ using torch::autograd::variable_list;
 enum Edge : size_t { kX = 0, kSigma, kUa, kVa, kBias, kEdges };
 
 struct SSTLinearBackward : public torch::autograd::Node {
-  SavedVariable x_, U_, V_, sigma_, active_, Ua_, Va_, ha_;
+  SavedVariable x_, U_, V_, sigma_, active_, Ua_, Va_, ha_, W_;  // W_: empty when not kept
   std::vector<int64_t> x_shape;
 
   std::string name() const override { return "SSTLinearBackward"; }
 
   void release_variables() override {
-    for (SavedVariable* v : {&x_, &U_, &V_, &sigma_, &active_, &Ua_, &Va_, &ha_}) v->reset_data();
+    for (SavedVariable* v : {&x_, &U_, &V_, &sigma_, &active_, &Ua_, &Va_, &ha_, &W_}) v->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -130,13 +132,15 @@ struct SSTLinearBackward : public torch::autograd::Node {
     const at::Tensor g = grads[0].reshape({-1, U.size(0)});
     const at::Tensor x2 = x.reshape({-1, x.size(-1)});
     // Under create_graph (double backward) h_a is recomputed, so that it carries its dependence on x.
-    const at::Tensor ha = c10::GradMode::is_enabled() ? at::mm(x2, Va) : ha_.unpack();
+    const bool create_graph = c10::GradMode::is_enabled();
+    const at::Tensor ha = create_graph ? at::mm(x2, Va) : ha_.unpack();
     const bool need_sigma = should_compute_output(kSigma);
     const at::Tensor gUa = (should_compute_output(kX) || need_sigma || should_compute_output(kVa))
                                ? at::mm(g, Ua)
                                : at::Tensor();  // G U_a (N, r)
     if (should_compute_output(kX)) {
-      const at::Tensor W = frozen_weight(U, V, sigma);
+      const at::Tensor kept = create_graph ? at::Tensor() : W_.unpack();
+      const at::Tensor W = kept.defined() ? kept : frozen_weight(U, V, sigma);
       const at::Tensor gx = at::mm(g, W) + at::mm(gUa * sigma.index_select(0, active), Va.t());
       out[kX] = gx.view(x_shape);
     }
@@ -158,10 +162,10 @@ at::Tensor sst_linear_autograd(const at::Tensor& x, const at::Tensor& U, const a
                                const at::Tensor& Ua, const at::Tensor& Va,
                                const std::optional<at::Tensor>& bias) {
   check_args(x, U, V, sigma, active, Ua, Va, bias);
-  at::Tensor y, ha;
+  at::Tensor y, ha, W;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::tie(y, ha) = forward_2d(x.reshape({-1, x.size(-1)}), U, V, sigma, active, Ua, Va, bias);
+    std::tie(y, ha, W) = forward_2d(x.reshape({-1, x.size(-1)}), U, V, sigma, active, Ua, Va, bias);
     y = out_shape(y, x);
   }
   if (torch::autograd::compute_requires_grad(x, sigma, Ua, Va, bias)) {
@@ -176,6 +180,10 @@ at::Tensor sst_linear_autograd(const at::Tensor& x, const at::Tensor& U, const a
     node->Ua_ = SavedVariable(Ua, false);
     node->Va_ = SavedVariable(Va, false);
     node->ha_ = SavedVariable(ha, false);
+    // out <= N, as x.numel() >= out * in (symbolic sizes under torch.compile: a guard there)
+    if (x.requires_grad() &&
+        x.sym_numel() >= U.sym_size(0) * x.sym_size(-1))
+      node->W_ = SavedVariable(W, false);
     torch::autograd::set_history(y, node);
   }
   return y;
