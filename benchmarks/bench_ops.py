@@ -386,8 +386,7 @@ def main():
              "SSE2 mul + add on this CPU, benchmarks/cpu_peak.c). At levels without FMA (`default`), an "
              "fp32 W with a power-of-two scale (alpha/r, both powers of two; every case here, s = 1/r) is "
              "updated with an fp32 mul + add, exact there; any other scale goes through double. "
-             "`other path ms` is the path not taken, forced, for comparison. See \"Merge: where the time "
-             "goes\" below for the breakdown and the bf16 roofline.")
+             "`other path ms` is the path not taken, forced, for comparison.")
     text = "\n\n".join([
         f"## Native ops (issues 2, 10), {device}\n\n`{cmd}` — {cpu} ({flags}); "
         f"{time.perf_counter() - t0:.0f} s; 1-min load average at start {load0:.2f} (2 cores shared with "
