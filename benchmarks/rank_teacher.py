@@ -323,6 +323,17 @@ def results_markdown(summary: dict, plot_path: Path) -> str:
         f"excess over the noise floor: SST {f['sst'] - summary['noise_floor']:.2e}, ReLoRA* {f['relora'] - summary['noise_floor']:.2e}. "
         "(Rank and spectrum columns: seed 0. Optimizer state: AdamW's `exp_avg`/`exp_avg_sq` of the trained tensors.)",
         "",
+        f"The period sweep (seed {cfg['seeds'][0]}, final loss at the best LR for each period):",
+        "",
+        "| method | " + " | ".join(f"period {pe}" for pe in cfg["periods"]) + " |",
+        "| --- |" + " --- |" * len(cfg["periods"]),
+    ]
+    for m in (m for m in CYCLED if m in summary["sweep"]):
+        best_at = {pe: min(v for k, v in summary["sweep"][m].items() if k.endswith(f" period={pe}"))
+                   for pe in cfg["periods"]}
+        lines.append(f"| {LABELS[m]} | " + " | ".join(f"{best_at[pe]:.5f}" for pe in cfg["periods"]) + " |")
+    lines += [
+        "",
         f"![rank teacher]({rel})",
         "",
         provenance_lines(summary["provenance"]) + f"- wall time: {summary['wall_seconds']:.0f} s",
