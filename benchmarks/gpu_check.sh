@@ -31,19 +31,24 @@ bounded() {
   echo "$name rc=$? (limit ${limit}s, at ${SECONDS}s)" | tee -a "$OUT/machine.txt"
 }
 
-bounded pytest_cuda 90 python -m pytest -q -x -k "Cuda or cuda" "$SRC/tests/test_ops.py" "$SRC/tests/test_lora_forward.py"
+bounded pytest_cuda 90 python -m pytest -q -x -k "Cuda or cuda" "$SRC/tests/test_ops.py" "$SRC/tests/test_lora_forward.py" \
+  "$SRC/tests/test_sst.py"
 bounded bench_gpu 60 python "$SRC/benchmarks/bench_ops.py" --device cuda --threads 16
 cp "$OUT/bench_gpu.log" "$OUT/bench_gpu.md" 2>/dev/null
 # LoRALinear vs PEFT vs nn.Linear: d 768..4096, r 16/64/256, 8192 tokens, bf16 autocast
 bounded bench_lora_layer_cuda 75 python "$SRC/benchmarks/bench_lora_layer.py" --device cuda
-# a whole step of a LLaMA-130M-shaped model, eager (4 methods) and compiled (full rank and ReLoRA*)
-bounded bench_step_cuda 150 python "$SRC/benchmarks/bench_step.py" --device cuda --compile \
-  --methods full peft relora relora_bf16w --compile-methods full relora
+# a whole step of a LLaMA-130M-shaped model, eager (5 methods) and compiled (full rank and ReLoRA*)
+bounded bench_step_cuda 170 python "$SRC/benchmarks/bench_step.py" --device cuda --compile \
+  --methods full peft relora relora_bf16w sst --compile-methods full relora
 # train_lm on the GPU preset (25.2M parameters, 9.8M tokens), full vs PEFT LoRA vs ReLoRA*
 bounded train_lm_cuda 120 python "$SRC/benchmarks/train_lm.py" --device cuda --preset gpu \
   --methods full peft_lora relora --stage all --cache-dir "$OUT/train_lm_cuda" \
   --plot "$OUT/train_lm_cuda.png" --no-write-results
+# SST on the same preset (full rank from the cache of the step above), last: only if the budget has room left
+bounded train_lm_cuda_sst 60 python "$SRC/benchmarks/train_lm.py" --device cuda --preset gpu \
+  --methods full sst --stage all --cache-dir "$OUT/train_lm_cuda" --plot "$OUT/train_lm_cuda_sst.png" \
+  --no-write-results
 tail -5 "$OUT/pytest_cuda.log"
-for f in bench_gpu bench_lora_layer_cuda bench_step_cuda train_lm_cuda; do
+for f in bench_gpu bench_lora_layer_cuda bench_step_cuda train_lm_cuda train_lm_cuda_sst; do
   echo "== $f"; grep -E '^\||^## ' "$OUT/$f.log" | head -60
 done

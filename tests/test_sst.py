@@ -342,3 +342,48 @@ def test_renormalize_every_layer_in_one_call():
         assert m.U_active._version > v                   # in place: a stale graph would notice
     with pytest.raises(ValueError, match="lists of one length"):
         torch.ops.relora.sst_renormalize_([layers[0].U_active], [], [layers[0].sigma], [layers[0].active])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_layer_gradients_and_training_iterations_match_cpu():
+    """On CUDA: the layer's output and gradients (fp32, and under bf16 autocast) against the float64 CPU
+    layer, then a wrapped model's step with an iteration and a round (sampling, swap, re-SVD) on the GPU
+    giving the same active columns as on the CPU (the Philox draw is device-independent)."""
+    _, sst64 = layer_of(out=24, inp=40, r=4, dtype=torch.float64)
+    sst = SSTLinear.from_linear(nn.Linear(40, 24), r=4).cuda()
+    with torch.no_grad():
+        for name, t in sst64.named_parameters():
+            getattr(sst, name).copy_(t)
+        for name, t in sst64.named_buffers():
+            getattr(sst, name).copy_(t)
+    x64 = torch.randn(3, 7, 40, dtype=torch.float64, requires_grad=True)
+    x = x64.detach().float().cuda().requires_grad_()
+    R = torch.randn(3, 7, 24, dtype=torch.float64)
+    (sst64(x64) * R).sum().backward()
+    (sst(x) * R.float().cuda()).sum().backward()
+    torch.testing.assert_close(x.grad.double().cpu(), x64.grad, rtol=1e-4, atol=1e-4)
+    for name, p in sst64.named_parameters():
+        torch.testing.assert_close(getattr(sst, name).grad.double().cpu(), p.grad, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = sst(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double().cpu(), sst64(x64).detach(), rtol=3e-2, atol=3e-2)
+
+    def trained(device):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)).to(device)
+        wrap(model, r=4, method="sst")
+        opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2, seed=3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(9):  # 4 iterations: a round (m / r = 4) and its re-SVD
+            xb = torch.randn(8, 16, generator=g).to(device)
+            model(xb).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+
+    cpu, gpu = trained("cpu"), trained("cuda")
+    for a, b in zip(cpu.modules(), gpu.modules()):
+        if isinstance(a, SSTLinear):
+            assert torch.equal(a.active, b.active.cpu())
+            torch.testing.assert_close(b.weight_sst().cpu(), a.weight_sst(), rtol=1e-3, atol=1e-4)
