@@ -66,6 +66,10 @@
 typedef float vf __attribute__((vector_size(4 * VW)));
 typedef uint32_t vu __attribute__((vector_size(4 * VW)));
 typedef uint16_t vh __attribute__((vector_size(2 * VW)));
+/* the same at any element alignment, for W: a load or store through these is one unaligned vector move
+ * (memcpy into an array element whose address is taken goes through the stack, piecewise, under gcc 12) */
+typedef float vf_u __attribute__((vector_size(4 * VW), aligned(4)));
+typedef uint16_t vh_u __attribute__((vector_size(2 * VW), aligned(2)));
 
 /* x in every lane (an element-wise loop here becomes a chain of inserts under gcc's generic tuning) */
 static inline vf vbcast(float x)
@@ -517,13 +521,11 @@ static inline int apply_tile(char *w, relora_dtype wdt, int64_t ldw, const float
         vf x[MR][NV];
 #pragma GCC unroll 8
         for (int r = 0; r < MR; r++)
-            for (int v = 0; v < NV; v++) memcpy(&x[r][v], o + r * ldw + v * VW, sizeof(vf));
+            for (int v = 0; v < NV; v++) x[r][v] = *(const vf_u *)(o + r * ldw + v * VW);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; r++)
-            for (int v = 0; v < NV; v++) {
-                x[r][v] += scale * *(const vf *)(c + r * NR + v * VW);
-                memcpy(o + r * ldw + v * VW, &x[r][v], sizeof(vf));
-            }
+            for (int v = 0; v < NV; v++)
+                *(vf_u *)(o + r * ldw + v * VW) = x[r][v] + scale * *(const vf *)(c + r * NR + v * VW);
         return 1;
     }
 #if MERGE_BF16_DP
@@ -542,13 +544,12 @@ static inline int apply_tile(char *w, relora_dtype wdt, int64_t ldw, const float
         vh x[MR][NV];
 #pragma GCC unroll 8
         for (int r = 0; r < MR; r++)
-            for (int v = 0; v < NV; v++) memcpy(&x[r][v], o + r * ldw + v * VW, sizeof(vh));
+            for (int v = 0; v < NV; v++) x[r][v] = *(const vh_u *)(o + r * ldw + v * VW);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; r++)
-            for (int v = 0; v < NV; v++) {
-                const vh y = v_f32_to_bf16(v_bf16_to_f32(x[r][v]) + scale * *(const vf *)(c + r * NR + v * VW));
-                memcpy(o + r * ldw + v * VW, &y, sizeof(vh));
-            }
+            for (int v = 0; v < NV; v++)
+                *(vh_u *)(o + r * ldw + v * VW) =
+                    v_f32_to_bf16(v_bf16_to_f32(x[r][v]) + scale * *(const vf *)(c + r * NR + v * VW));
         return 1;
     }
 #endif
