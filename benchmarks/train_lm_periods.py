@@ -84,7 +84,8 @@ def main(argv=None):
             provs += [r["provenance"] for r in rs]
             ppl = train_lm._mean([r["val_ppl"] for r in rs])
             spread = (max(r["val_ppl"] for r in rs) - min(r["val_ppl"] for r in rs)) / 2
-            row.append(f"{ppl:.3f} ± {spread:.3f} ({ppl / full_ppl:.3f})")
+            pm = f" ± {spread:.3f}" if len(rs) > 1 else ""
+            row.append(f"{ppl:.3f}{pm} ({ppl / full_ppl:.3f})")
         rows.append(row)
 
     m_dirs = base.dim  # every adapted projection here has min(out, in) = dim
@@ -94,7 +95,7 @@ def main(argv=None):
           f"The model, data and token budget of train_lm ({args.steps} steps), r = {args.rank}, LR {args.lr:g}, seeds "
           f"{args.seeds}; the period is ReLoRA*'s cycle and SST's iteration (a new sample of r = {args.rank} of "
           f"m = {m_dirs} singular directions; a round is m / r = {m_dirs // args.rank} iterations), the restart warmup "
-          f"16% of it. Each cell: validation perplexity per byte, mean ± half the range over seeds "
+          f"{args.restart_share:.0%} of it. Each cell: validation perplexity per byte, mean ± half the range over seeds "
           f"(ppl / full rank's {full_ppl:.3f}).\n\n"
           + table(head, rows) + "\n\n"
           + provenance_of(provs, argv) + "\n")
