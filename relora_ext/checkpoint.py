@@ -473,7 +473,8 @@ def save_adapters(model: torch.nn.Module, path: PathLike) -> None:
         for pname in ("lora_A", "lora_B"):
             tensors[f"{name}.{pname}"] = getattr(layer, pname).detach().cpu().contiguous()
     if not tensors:
-        raise ValueError(f"save_adapters: model ({type(model).__name__}) has no LoRALinear layer")
+        raise ValueError(f"save_adapters: model ({type(model).__name__}) has no LoRALinear layer (SST layers have no "
+                         "low-rank adapter to export: save merged_state_dict(model) or unwrap(model) instead)")
     meta = {"relora_ext_adapters": json.dumps(adapter_settings(model))}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 

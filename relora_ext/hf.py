@@ -38,10 +38,28 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``model.state_dict()`` with every adapter merged: the keys and layouts of the unwrapped model.
 
     Each ``weight`` of a :class:`~relora_ext.lora.LoRALinear` becomes ``W + s·B·A`` (fp32 sum, rounded
-    once into ``W``'s dtype; one new tensor per layer), its ``lora_A``/``lora_B`` are dropped. The model
-    is not changed. Example: ``plain.load_state_dict(merged_state_dict(model))``.
+    once into ``W``'s dtype; one new tensor per layer), its ``lora_A``/``lora_B`` are dropped; each
+    :class:`~relora_ext.sst.SSTLinear` gives ``weight = U diag(Σ) Vᵀ`` in place of its factors. The model
+    is not changed. Refused (nothing returned) if a layer holds NaN/Inf. Example:
+    ``plain.load_state_dict(merged_state_dict(model))``.
     """
+    from .cycle import CycleRefused
+    from .sst import SSTLinear
+
+    sst = [(n, m) for n, m in model.named_modules() if isinstance(m, SSTLinear)]
+    for name, layer in sst:
+        problem = layer.check()
+        if problem is not None:
+            raise CycleRefused(f"merged_state_dict: refused: layer {name!r}: {problem}")
     sd = model.state_dict()
+    for name, layer in sst:
+        prefix = f"{name}." if name else ""
+        weight = layer.weight_sst()
+        for key in ("U", "V", "sigma", "U_active", "V_active", "active"):
+            sd.pop(prefix + key, None)
+        sd[prefix + "weight"] = weight
+        if layer.bias is not None:  # keep the plain layer's key order: weight, then bias
+            sd[prefix + "bias"] = sd.pop(prefix + "bias")
     for name, layer in lora_layers(model):
         if getattr(layer, "base", None) is not None:
             raise ValueError(f"merged_state_dict: layer {name!r} has a quantized base ({type(layer.base).__name__}); "
@@ -132,7 +150,8 @@ def export_peft_adapter(model: nn.Module, base, path: Union[str, os.PathLike], *
     rank = check_int("export_peft_adapter", "rank", rank, lo=1)
     layers = lora_layers(model)
     if not layers:
-        raise ValueError(f"export_peft_adapter: model ({type(model).__name__}) has no LoRALinear layer")
+        raise ValueError(f"export_peft_adapter: model ({type(model).__name__}) has no LoRALinear layer (SST layers have no "
+                         "low-rank adapter to export: save merged_state_dict(model) or unwrap(model) instead)")
     conv = {_is_conv1d_layer(layer) for _, layer in layers}
     if len(conv) > 1:
         raise ValueError("export_peft_adapter: the model mixes Conv1D and nn.Linear adapted layers; PEFT's "

@@ -605,10 +605,13 @@ def wrap(
         if ok:
             chosen[id(mod)] = (name, mod)
     if not chosen:
-        wrapped = lora_layers(model)
+        from .sst import SSTLinear
+
+        wrapped = [m for m in model.modules() if isinstance(m, (LoRALinear, SSTLinear))]
         if wrapped:
-            raise ValueError(f"wrap: {type(model).__name__} is already wrapped ({len(wrapped)} LoRALinear layers, "
-                             "and no other layer matched); call relora_ext.unwrap(model) first to wrap it again")
+            kinds = sorted({type(m).__name__ for m in wrapped})
+            raise ValueError(f"wrap: {type(model).__name__} is already wrapped ({len(wrapped)} {'/'.join(kinds)} "
+                             "layers, and no other layer matched); call relora_ext.unwrap(model) first to wrap it again")
         shown = ", ".join(repr(c) for c in candidates[:12]) + (" ..." if len(candidates) > 12 else "")
         raise ValueError(
             f"wrap: no linear layer (nn.Linear, transformers Conv1D) of {type(model).__name__} matched "
@@ -624,7 +627,7 @@ def wrap(
                 "would change those modules too. Leave it out (exclude_modules) or untie the weights first")
         out_f, in_f = (mod.nf, mod.nx) if _is_conv1d(mod) else (mod.out_features, mod.in_features)
         try:
-            check_rank("LoRALinear.from_linear", cfg.r, in_f, out_f)
+            check_rank("SSTLinear.from_linear" if cfg.method == "sst" else "LoRALinear.from_linear", cfg.r, in_f, out_f)
         except ValueError as e:
             raise ValueError(f"wrap: cannot adapt layer {name!r}: {e}") from None
         if cfg.weight_dtype is not None and _kind(mod) == "quantized":
@@ -642,7 +645,8 @@ def wrap(
             if id(child) in new:
                 setattr(parent, child_name, new[id(child)])
     if cfg.freeze_others:
-        keep = {id(p) for layer in new.values() for p in (layer.lora_A, layer.lora_B)}
+        adapter_params = ("sigma", "U_active", "V_active") if cfg.method == "sst" else ("lora_A", "lora_B")
+        keep = {id(getattr(layer, n)) for layer in new.values() for n in adapter_params}
         for name, mod in model.named_modules():
             if cfg.modules_to_save and _name_matches(name, mod, list(cfg.modules_to_save), "modules_to_save"):
                 keep.update(id(p) for p in mod.parameters())

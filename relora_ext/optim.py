@@ -143,6 +143,12 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
                 "before building the optimizer"
             )
         backends = [backend_for(layer) for _, layer in layers]  # local, sharded, quantized or SST: once per layer
+        from .distributed import is_dtensor
+
+        for (name, layer), backend in zip(layers, backends):
+            if backend is SSTLayer and any(is_dtensor(t) for t in (*layer.parameters(), *layer.buffers())):
+                raise ValueError(f"{where}: layer {name!r}: SST layers under FSDP2 (DTensor parameters) are not "
+                                 "supported yet; train SST with DDP or on one process")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for (name, layer), backend in zip(layers, backends):
             for pname in backend.trained:

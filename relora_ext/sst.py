@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import _C, ops  # noqa: F401  (_C registers torch.ops.relora.sst_linear)
-from ._checks import FLOAT_DTYPES, check_rank
+from ._checks import FLOAT_DTYPES, check_int, check_rank, check_u64
 
 __all__ = ["SSTLinear", "renormalize_", "sample_directions", "sample_offset"]
 
@@ -37,7 +37,10 @@ _STREAM_SST = (1 << 62) | (1 << 61)  # beside the reset draws (< 2⁶²) and the
 
 
 def sample_offset(layer_index: int, iteration: int) -> int:
-    """Philox offset of the direction sample of layer ``ℓ`` at iteration ``c``: ``2⁶² + 2⁶¹ + ℓ · 2³² + c``."""
+    """Philox offset of the direction sample of layer ``ℓ`` at iteration ``c``: ``2⁶² + 2⁶¹ + ℓ · 2³² + c``
+    (``0 ≤ ℓ < 2²⁹``, ``0 ≤ c < 2³²``: each layer's samples stay in their own block of the stream)."""
+    layer_index = check_int("sample_offset", "layer_index", layer_index, lo=0, hi=(1 << 29) - 1)
+    iteration = check_int("sample_offset", "iteration", iteration, lo=0, hi=(1 << 32) - 1)
     return _STREAM_SST + (layer_index << 32) + iteration
 
 
@@ -50,7 +53,18 @@ def sample_directions(sigma: torch.Tensor, r: int, *, seed: int, offset: int) ->
     largest keys win. The draw depends only on ``Σ`` and ``(seed, offset)``: every rank holding the same ``Σ``
     samples the same set. Example: ``sample_directions(layer.sigma, 8, seed=0, offset=sample_offset(0, 1))``.
     """
+    fn = "sample_directions"
+    if not isinstance(sigma, torch.Tensor):
+        raise TypeError(f"{fn}: sigma must be a torch.Tensor, got {type(sigma).__name__}")
+    if sigma.dim() != 1 or sigma.numel() == 0 or not sigma.dtype.is_floating_point:
+        raise ValueError(f"{fn}: sigma must be a non-empty 1-D floating-point tensor, got shape "
+                         f"{tuple(sigma.shape)} and dtype {sigma.dtype}")
     m = sigma.numel()
+    r = check_int(fn, "r", r, lo=1, hi=m)
+    check_u64(fn, "seed", seed)
+    check_u64(fn, "offset", offset)
+    if not bool(torch.isfinite(sigma).all()):
+        raise ValueError(f"{fn}: sigma holds non-finite values (NaN/Inf)")
     s = sigma.detach().double().clamp(min=0)
     total = float(s.sum())
     p = 0.5 / m + (0.5 * s / total if total > 0 else 0.5 / m)
@@ -113,6 +127,8 @@ class SSTLinear(nn.Module):
     @torch.no_grad()
     def _adopt(self, linear: nn.Linear, r: int, weight_dtype: Optional[torch.dtype], where: str) -> None:
         W = linear.weight.detach()
+        if W.device.type != "meta" and W.dtype.is_floating_point and not bool(torch.isfinite(W).all()):
+            raise ValueError(f"{where}: the weight holds non-finite values (NaN/Inf); its SVD is undefined")
         if weight_dtype is not None and weight_dtype not in FLOAT_DTYPES:
             raise TypeError(f"{where}: weight_dtype must be None or one of "
                             f"{', '.join(str(d) for d in FLOAT_DTYPES)}, got {weight_dtype!r}")
@@ -158,7 +174,13 @@ class SSTLinear(nn.Module):
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """An :class:`torch.nn.Linear` holding ``W = U diag(Σ) Vᵀ`` (and this layer's bias Parameter)."""
+        """An :class:`torch.nn.Linear` holding ``W = U diag(Σ) Vᵀ`` (and this layer's bias Parameter).
+        Refused (:class:`relora_ext.cycle.CycleRefused`) if :meth:`check` finds a problem (NaN/Inf, say)."""
+        problem = self.check()
+        if problem is not None:
+            from .cycle import CycleRefused
+
+            raise CycleRefused(f"SSTLinear.to_linear: refused, nothing was changed: {problem}")
         lin = nn.Linear(self.in_features, self.out_features, bias=False, device=self.sigma.device,
                         dtype=self.sigma.dtype)
         lin.weight.copy_(self.weight_sst())
@@ -201,8 +223,9 @@ class SSTLinear(nn.Module):
     @torch.no_grad()
     def resample_(self, *, seed: int, offset: int) -> None:
         """Write the active columns back and activate a new sample (see :func:`sample_directions`)."""
+        S = sample_directions(self.sigma, self.r, seed=seed, offset=offset)  # checks its arguments first
         self._write_back()
-        self._activate(sample_directions(self.sigma, self.r, seed=seed, offset=offset))
+        self._activate(S)
 
     @property
     def rounds_every(self) -> int:
@@ -210,15 +233,25 @@ class SSTLinear(nn.Module):
         return math.ceil(self.m / self.r)
 
     def check(self) -> Optional[str]:
-        """Why an iteration would be refused (``None`` if it would not)."""
+        """Why an iteration (or :meth:`to_linear`) would be refused, ``None`` if it would not: every tensor of
+        the layer is checked (shapes, non-finite values, the active indices) before anything is changed."""
         from .distributed import is_dtensor
 
-        for name in ("sigma", "U_active", "V_active"):
+        shapes = {"sigma": (self.m,), "U_active": (self.out_features, self.r), "V_active": (self.in_features, self.r),
+                  "U": (self.out_features, self.m), "V": (self.in_features, self.m), "active": (self.r,)}
+        for name, shape in shapes.items():
             t = getattr(self, name)
             if is_dtensor(t):
                 return "SST layers under FSDP2 (DTensor parameters) are not supported yet; use DDP"
             if t.device.type == "meta":
                 return "its tensors are on the meta device"
-            if not bool(torch.isfinite(t).all()):
+            if tuple(t.shape) != shape:
+                return f"{name} has shape {tuple(t.shape)}, expected {shape}"
+            if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
                 return f"{name} holds non-finite values (NaN/Inf)"
+        a = self.active
+        if a.dtype != torch.int64:
+            return f"active must be int64, got {a.dtype}"
+        if bool(((a < 0) | (a >= self.m)).any()) or a.unique().numel() != self.r:
+            return f"active must hold {self.r} distinct indices in [0, {self.m}), got {a.tolist()}"
         return None

@@ -449,3 +449,20 @@ def test_sst_under_ddp_ranks_stay_identical(tmp_path):
     for k, v in reps[0]["state"].items():
         assert torch.equal(_bits(v) if v.is_floating_point() else v,
                            _bits(reps[1]["state"][k]) if v.is_floating_point() else reps[1]["state"][k]), k
+
+
+def _sst_fsdp_worker(rank, out_dir):
+    model = _fsdp_model(method="sst")
+    try:
+        make_opt(model)
+        err = ""
+    except ValueError as e:
+        err = str(e)
+    torch.save({"err": err}, os.path.join(out_dir, f"sst_fsdp{rank}.pt"))
+
+
+def test_sst_under_fsdp2_is_refused_when_the_optimizer_is_built(tmp_path):
+    spawn(_sst_fsdp_worker, str(tmp_path))
+    for rank in range(WORLD):
+        err = torch.load(tmp_path / f"sst_fsdp{rank}.pt")["err"]
+        assert "SST layers under FSDP2" in err and "DDP" in err, err

@@ -387,3 +387,138 @@ def test_cuda_layer_gradients_and_training_iterations_match_cpu():
         if isinstance(a, SSTLinear):
             assert torch.equal(a.active, b.active.cpu())
             torch.testing.assert_close(b.weight_sst().cpu(), a.weight_sst(), rtol=1e-3, atol=1e-4)
+
+
+def _bits(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    return all(torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("fault", ["nan_in_U", "nan_in_V", "active_out_of_range", "active_duplicate",
+                                   "active_wrong_dtype"])
+def test_a_bad_frozen_buffer_or_active_set_refuses_the_iteration_before_any_layer_changes(fault):
+    # a fault in the second layer (loaded from a file, say) must be found before the first layer is touched,
+    # at an iteration with a re-SVD (cycle 2 of layer '2': m = 12, r = 3 -> 4 iterations a round) and without
+    model = sst_model()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-2), model, reset_every=100)
+    train(model, opt, 2)
+    layer = model[2]
+    with torch.no_grad():
+        if fault == "nan_in_U":
+            layer.U[0, int(layer.active.max()) + 1] = float("nan")
+        elif fault == "nan_in_V":
+            layer.V[1, int(layer.active.max()) + 1] = float("inf")
+    if fault == "active_out_of_range":
+        layer.active[0] = 100
+    elif fault == "active_duplicate":
+        layer.active[1] = layer.active[0]
+    elif fault == "active_wrong_dtype":
+        layer.active = layer.active.to(torch.int32)
+    before, state_before = _bits(model), {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+                                           for p, st in opt.state.items()}
+    with pytest.raises(CycleRefused, match="layer '2'"):
+        opt.restart()
+    assert _unchanged(model, before) and opt.cycles_done == 0
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, state_before[id(p)][k])
+    with pytest.raises(CycleRefused, match="layer '2'"):
+        unwrap(model)
+    assert isinstance(model[2], SSTLinear)
+
+
+def test_resample_with_a_bad_seed_changes_nothing():
+    lin, layer = layer_of()
+    x = torch.randn(3, 20)
+    y0, before = layer(x).detach(), _bits(layer)
+    for seed in (-5, 2**64, 1.5):
+        with pytest.raises((ValueError, TypeError), match="sample_directions: seed"):
+            layer.resample_(seed=seed, offset=0)
+    assert _unchanged(layer, before) and torch.equal(layer(x), y0)
+
+
+def test_sample_directions_and_sample_offset_check_their_arguments():
+    s = torch.rand(8)
+    for r in (0, -1, 9):
+        with pytest.raises(ValueError, match="sample_directions: r must be in"):
+            sample_directions(s, r, seed=0, offset=0)
+    with pytest.raises(TypeError, match="sample_directions: r must be an int"):
+        sample_directions(s, 2.0, seed=0, offset=0)
+    for bad in (torch.rand(2, 4), torch.rand(0), torch.arange(8)):
+        with pytest.raises(ValueError, match="sample_directions: sigma must be a non-empty 1-D floating"):
+            sample_directions(bad, 2, seed=0, offset=0)
+    with pytest.raises(ValueError, match="sigma holds non-finite"):
+        sample_directions(torch.tensor([1.0, float("nan"), 2.0]), 1, seed=0, offset=0)
+    with pytest.raises(ValueError, match="sample_offset: layer_index must be in"):
+        sample_offset(1 << 29, 0)
+    with pytest.raises(ValueError, match="sample_offset: iteration must be in"):
+        sample_offset(0, 1 << 32)
+    assert sample_offset((1 << 29) - 1, (1 << 32) - 1) < 2**64
+
+
+def test_to_linear_and_unwrap_of_a_layer_refuse_non_finite_values():
+    _, layer = layer_of()
+    with torch.no_grad():
+        layer.sigma[0] = float("nan")
+    for fn in (layer.to_linear, lambda: unwrap(layer)):
+        with pytest.raises(CycleRefused, match="sigma holds non-finite"):
+            fn()
+
+
+def test_from_linear_refuses_a_non_finite_weight():
+    lin = nn.Linear(6, 4)
+    with torch.no_grad():
+        lin.weight[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="SSTLinear.from_linear: the weight holds non-finite"):
+        SSTLinear.from_linear(lin, r=2)
+    model = nn.Sequential(lin)
+    with pytest.raises(ValueError, match="non-finite"):
+        wrap(model, r=2, method="sst")
+    assert type(model[0]) is nn.Linear
+
+
+def test_wrap_sst_with_freeze_others_trains_sigma_and_the_active_columns_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8))
+    wrap(model, r=2, method="sst", target_modules=["0"], freeze_others=True)
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trained == ["0.U_active", "0.V_active", "0.sigma"]
+    with pytest.raises(ValueError, match="r must satisfy.*got r=13"):
+        wrap(nn.Sequential(nn.Linear(12, 16)), r=13, method="sst")
+    with pytest.raises(ValueError, match="SSTLinear.from_linear"):
+        wrap(nn.Sequential(nn.Linear(12, 16)), r=13, method="sst")
+    with pytest.raises(ValueError, match="already wrapped.*SSTLinear"):
+        wrap(model, r=2, method="sst", target_modules=["0"])
+
+
+def test_merged_state_dict_of_an_sst_model_loads_into_the_plain_architecture():
+    from relora_ext.hf import merged_state_dict
+
+    model = sst_model()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-2), model, reset_every=2)
+    train(model, opt, 5)
+    plain = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 16))
+    plain.load_state_dict(merged_state_dict(model))  # strict
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model[0].U_active[0, 0] = float("nan")
+    with pytest.raises(CycleRefused, match="merged_state_dict: refused: layer '0'"):
+        merged_state_dict(model)
+
+
+def test_renormalize_does_not_overflow_on_large_columns():
+    _, layer = layer_of()
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        layer.U_active.mul_(1e20)   # the function is kept by scaling Σ of the active directions down
+        layer.sigma[layer.active] *= 1e-20
+    y0 = layer(x).detach()
+    layer.renormalize_()
+    assert bool(torch.isfinite(layer.sigma).all())
+    torch.testing.assert_close(layer.U_active.norm(dim=0), torch.ones(3))
+    torch.testing.assert_close(layer(x), y0, rtol=1e-4, atol=1e-5)

@@ -225,12 +225,14 @@ void sst_renormalize_(at::TensorList U_active, at::TensorList V_active, at::Tens
                       "sst_renormalize_: layer ", i, ": expected U_active (out, r), V_active (in, r), "
                       "sigma (m,), active (r,), got ", Ua.sizes(), ", ", Va.sizes(), ", ", s.sizes(),
                       ", ", S.sizes());
-    const at::Tensor nu = at::linalg_vector_norm(Ua, 2, at::IntArrayRef{0});
-    const at::Tensor nv = at::linalg_vector_norm(Va, 2, at::IntArrayRef{0});
+    // Norms and their product in double: columns of large entries (1e20, a diverging run) would overflow
+    // the sum of squares, and the product of two large norms, in fp32.
+    const at::Tensor nu = at::linalg_vector_norm(Ua, 2, at::IntArrayRef{0}, false, at::kDouble);
+    const at::Tensor nv = at::linalg_vector_norm(Va, 2, at::IntArrayRef{0}, false, at::kDouble);
     const at::Tensor ok = at::logical_and(nu > 0, nv > 0);
-    Ua.div_(at::where(ok, nu, 1));
-    Va.div_(at::where(ok, nv, 1));
-    s.index_copy_(0, S, s.index_select(0, S) * at::where(ok, nu * nv, 1));
+    Ua.div_(at::where(ok, nu, 1).to(Ua.scalar_type()));
+    Va.div_(at::where(ok, nv, 1).to(Va.scalar_type()));
+    s.index_copy_(0, S, (s.index_select(0, S).to(at::kDouble) * at::where(ok, nu * nv, 1)).to(s.scalar_type()));
     s.clamp_min_(0);
   }
 }
