@@ -105,15 +105,40 @@ static int check_real(double v, double lo, double hi, const char *fn, const char
     return 1;
 }
 
-/* Thread counts: <= 0 means OpenMP's default; a huge team makes libgomp abort the process. */
-#define MAX_THREADS 1024
-static int check_nthreads(int n, const char *fn)
+/* A real number (int or float, not bool, as the torch wrappers accept) as a double. */
+static int parse_real(PyObject *obj, const char *fn, const char *arg, double *out)
 {
-    if (n > MAX_THREADS) {
-        PyErr_Format(PyExc_ValueError, "%s: nthreads must be <= %d (or <= 0 for OpenMP's default), got %d",
-                     fn, MAX_THREADS, n);
+    if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyLong_Check(obj))) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be a real number, got %s", fn, arg, Py_TYPE(obj)->tp_name);
         return 0;
     }
+    *out = PyFloat_AsDouble(obj);
+    if (*out == -1.0 && PyErr_Occurred()) { /* an int too large for a double */
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: %s must be a finite number, got %R", fn, arg, obj);
+        return 0;
+    }
+    return 1;
+}
+
+/* Thread counts: <= 0 means OpenMP's default; a huge team makes libgomp abort the process. */
+#define MAX_THREADS 1024
+static int parse_nthreads(PyObject *obj, const char *fn, int *out)
+{
+    *out = 0;
+    if (obj == NULL) return 1;
+    if (PyBool_Check(obj) || !PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: nthreads must be an int, got %s", fn, Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    int overflow = 0;
+    long long n = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (overflow > 0 || n > MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "%s: nthreads must be <= %d (or <= 0 for OpenMP's default), got %R", fn,
+                     MAX_THREADS, obj);
+        return 0;
+    }
+    *out = (overflow < 0 || n < 0) ? 0 : (int)n;
     return 1;
 }
 
@@ -129,13 +154,14 @@ static PyObject *raise_status(relora_status status, const char *fn)
 static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"W", "A", "B", "scale", "rounding", "seed", "nthreads", NULL};
-    PyObject *w_obj, *a_obj, *b_obj, *seed_obj = NULL;
+    PyObject *w_obj, *a_obj, *b_obj, *scale_obj, *seed_obj = NULL, *nthreads_obj = NULL;
     double scale;
     const char *rounding = "nearest";
     int nthreads = 0;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOd|$sOi", kwlist, &w_obj, &a_obj, &b_obj,
-                                     &scale, &rounding, &seed_obj, &nthreads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$sOO", kwlist, &w_obj, &a_obj, &b_obj,
+                                     &scale_obj, &rounding, &seed_obj, &nthreads_obj) ||
+        !parse_real(scale_obj, "merge_", "scale", &scale) || !parse_nthreads(nthreads_obj, "merge_", &nthreads))
         return NULL;
     PyArrayObject *W = as_array(w_obj, "merge_", "W"), *A, *B;
     if (!W || !(A = as_array(a_obj, "merge_", "A")) || !(B = as_array(b_obj, "merge_", "B")))
@@ -165,7 +191,7 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     const npy_intp esize = PyArray_ITEMSIZE(W);
     const npy_intp s0 = PyArray_STRIDE(W, 0), s1 = PyArray_STRIDE(W, 1);
-    if ((I > 1 && s1 != esize) || (O > 1 && (s0 % esize != 0 || s0 / esize < I))) {
+    if (O > 0 && I > 0 && ((I > 1 && s1 != esize) || (O > 1 && (s0 % esize != 0 || s0 / esize < I)))) {
         PyErr_SetString(PyExc_ValueError,
                         "merge_: W must have unit column stride and non-overlapping rows");
         return NULL;
@@ -181,7 +207,7 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     uint64_t seed = 0;
     if (seed_obj && seed_obj != Py_None && !parse_u64(seed_obj, "merge_", "seed", &seed)) return NULL;
-    if (!check_real(scale, -FLT_MAX, FLT_MAX, "merge_", "scale") || !check_nthreads(nthreads, "merge_"))
+    if (!check_real(scale, -FLT_MAX, FLT_MAX, "merge_", "scale"))
         return NULL;
     relora_status status;
     Py_BEGIN_ALLOW_THREADS
@@ -197,12 +223,13 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kwargs)
 static PyObject *py_reset(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"A", "B", "std", "seed", "offset", "nthreads", NULL};
-    PyObject *a_obj, *b_obj, *seed_obj, *offset_obj = NULL;
+    PyObject *a_obj, *b_obj, *std_obj, *seed_obj, *offset_obj = NULL, *nthreads_obj = NULL;
     double std;
     int nthreads = 0;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOdO|Oi", kwlist, &a_obj, &b_obj, &std,
-                                     &seed_obj, &offset_obj, &nthreads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|OO", kwlist, &a_obj, &b_obj, &std_obj,
+                                     &seed_obj, &offset_obj, &nthreads_obj) ||
+        !parse_real(std_obj, "reset_", "std", &std) || !parse_nthreads(nthreads_obj, "reset_", &nthreads))
         return NULL;
     PyArrayObject *A = as_array(a_obj, "reset_", "A"), *B;
     if (!A || !(B = as_array(b_obj, "reset_", "B"))) return NULL;
@@ -218,7 +245,7 @@ static PyObject *py_reset(PyObject *self, PyObject *args, PyObject *kwargs)
     uint64_t seed, offset = 0;
     if (!parse_u64(seed_obj, "reset_", "seed", &seed) ||
         (offset_obj && !parse_u64(offset_obj, "reset_", "offset", &offset)) ||
-        !check_real(std, 0.0, FLT_MAX, "reset_", "std") || !check_nthreads(nthreads, "reset_"))
+        !check_real(std, 0.0, FLT_MAX, "reset_", "std"))
         return NULL;
     relora_status status;
     Py_BEGIN_ALLOW_THREADS
@@ -234,13 +261,14 @@ static PyObject *py_reset(PyObject *self, PyObject *args, PyObject *kwargs)
 static PyObject *py_prune(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"x", "ratio", "mode", "seed", "offset", "nthreads", NULL};
-    PyObject *x_obj, *seed_obj = NULL, *offset_obj = NULL;
+    PyObject *x_obj, *ratio_obj, *seed_obj = NULL, *offset_obj = NULL, *nthreads_obj = NULL;
     double ratio;
     const char *mode = "magnitude";
     int nthreads = 0;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Od|$sOOi", kwlist, &x_obj, &ratio, &mode,
-                                     &seed_obj, &offset_obj, &nthreads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$sOOO", kwlist, &x_obj, &ratio_obj, &mode,
+                                     &seed_obj, &offset_obj, &nthreads_obj) ||
+        !parse_real(ratio_obj, "prune_", "ratio", &ratio) || !parse_nthreads(nthreads_obj, "prune_", &nthreads))
         return NULL;
     PyArrayObject *x = as_array(x_obj, "prune_", "x");
     relora_dtype dt;
@@ -250,7 +278,7 @@ static PyObject *py_prune(PyObject *self, PyObject *args, PyObject *kwargs)
     uint64_t seed = 0, offset = 0;
     if ((seed_obj && seed_obj != Py_None && !parse_u64(seed_obj, "prune_", "seed", &seed)) ||
         (offset_obj && !parse_u64(offset_obj, "prune_", "offset", &offset)) ||
-        !check_real(ratio, 0.0, 1.0, "prune_", "ratio") || !check_nthreads(nthreads, "prune_"))
+        !check_real(ratio, 0.0, 1.0, "prune_", "ratio"))
         return NULL;
     int64_t kept = 0;
     relora_status status;

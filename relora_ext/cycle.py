@@ -21,12 +21,13 @@ so they refuse together. The work itself goes through a backend chosen once per 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import ops
-from ._checks import FLOAT_DTYPES, check_bool, check_choice, check_float, check_int, check_u64
+from ._checks import F32_MAX, FLOAT_DTYPES, check_bool, check_choice, check_float, check_int, check_u64
 
 __all__ = [
     "CycleSettings", "CycleRefused", "CycleResult", "run_cycle", "merge_and_reset_layer_", "check_layer", "cycled_layers",
@@ -342,6 +343,12 @@ def check_layer(name: str, layer, backend=None) -> Optional[str]:
         if not bool(torch.isfinite(local[k]).all()):
             return (f"{k} holds non-finite values (NaN/Inf). Lower the learning rate or use "
                     "torch.amp.GradScaler / gradient clipping")
+    # the kernels take scaling and init_std as float32, and a reset draws |A| < 6·init_std in A's dtype
+    bounds = {"scaling": F32_MAX, "init_std": min(F32_MAX, torch.finfo(local["lora_A"].dtype).max / 6)}
+    for k, hi in bounds.items():
+        v = getattr(layer, k, None)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= hi):
+            return f"{k} must be a finite number in [0, {hi:.4g}], got {v!r}"
     return None
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import FLOAT_DTYPES, check_bool, check_float, check_int, check_rank
+from ._checks import F32_MAX, FLOAT_DTYPES, check_bool, check_float, check_int, check_rank
 
 __all__ = ["LoRALinear", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters"]
 
@@ -158,12 +158,12 @@ class LoRALinear(nn.Module):
         self.r = check_rank(where, r, self.in_features, self.out_features)
         if alpha is None:
             alpha = float(self.r)
-        self.alpha = check_float(where, "alpha", alpha, lo=0.0, lo_open=True)
+        self.alpha = check_float(where, "alpha", alpha, lo=0.0, lo_open=True, hi=F32_MAX)  # the kernels take float32
         self.scaling = self.alpha / self.r
         p = check_float(where, "dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
         if init_std is None:
             init_std = 1.0 / math.sqrt(self.in_features)
-        self.init_std = check_float(where, "init_std", init_std, lo=0.0)
+        self.init_std = check_float(where, "init_std", init_std, lo=0.0, hi=F32_MAX)
         if weight_dtype is not None and weight_dtype not in FLOAT_DTYPES:
             raise TypeError(f"{where}: weight_dtype must be None or one of "
                             f"{', '.join(str(d) for d in FLOAT_DTYPES)}, got {weight_dtype!r}")
@@ -465,10 +465,10 @@ class ReLoRAConfig:
         if self.weight_dtype is not None and self.weight_dtype not in FLOAT_DTYPES:
             raise TypeError(f"{where}: weight_dtype must be None or one of {FLOAT_DTYPES}, got {self.weight_dtype!r}")
         if self.lora_alpha is not None:
-            check_float(where, "lora_alpha", self.lora_alpha, lo=0.0, lo_open=True)
+            check_float(where, "lora_alpha", self.lora_alpha, lo=0.0, lo_open=True, hi=F32_MAX)
         check_float(where, "lora_dropout", self.lora_dropout, lo=0.0, hi=1.0, hi_open=True)
         if self.init_std is not None:
-            check_float(where, "init_std", self.init_std, lo=0.0)
+            check_float(where, "init_std", self.init_std, lo=0.0, hi=F32_MAX)
         check_bool(where, "freeze_others", self.freeze_others)
         if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
             raise TypeError(f"{where}: modules_to_save must be a list of name suffixes, got {self.modules_to_save!r}")

@@ -102,7 +102,8 @@ def reset_(A: torch.Tensor, B: torch.Tensor, *, std: float, seed: int, offset: i
         check_contiguous(fn, name, t)
         check_writable(fn, name, t)
     check_disjoint(fn, "A", A, "B", B)
-    std = check_float(fn, "std", std, lo=0.0, hi=F32_MAX)
+    # the normals are bounded by sqrt(2·24·ln 2) < 6 (uniforms >= 2⁻²⁴): below this std A stays finite
+    std = check_float(fn, "std", std, lo=0.0, hi=torch.finfo(A.dtype).max / 6)
     seed, offset = as_i64(check_u64(fn, "seed", seed)), as_i64(check_u64(fn, "offset", offset))
     with torch.no_grad():
         torch.ops.relora.reset_(A, B, std, seed, offset)

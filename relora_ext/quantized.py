@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._checks import check_float, check_rank
+from ._checks import F32_MAX, check_float, check_rank
 from .lora import LoRALinear
 
 __all__ = ["QuantizedLoRALinear", "is_quantized", "dequantize", "requantize_", "requantization_error"]
@@ -100,11 +100,12 @@ class QuantizedLoRALinear(LoRALinear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = int(base.in_features), int(base.out_features)
         self.r = check_rank(where, r, self.in_features, self.out_features)
-        self.alpha = check_float(where, "alpha", float(self.r) if alpha is None else alpha, lo=0.0, lo_open=True)
+        self.alpha = check_float(where, "alpha", float(self.r) if alpha is None else alpha, lo=0.0, lo_open=True,
+                                 hi=F32_MAX)
         self.scaling = self.alpha / self.r
         self.dropout = check_float(where, "dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
         self.init_std = check_float(where, "init_std", 1.0 / math.sqrt(self.in_features) if init_std is None
-                                    else init_std, lo=0.0)
+                                    else init_std, lo=0.0, hi=F32_MAX)
         self._weight_requires_grad = False
         self._base_cls = None
         base.requires_grad_(False)

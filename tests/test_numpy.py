@@ -191,3 +191,18 @@ def test_cpu_capability_env(level):
     out = subprocess.run([sys.executable, "-c", "from relora_ext import _numpy; print(_numpy.cpu_capability())"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == level
+
+
+def test_empty_W_bool_ratio_and_huge_nthreads():
+    W = np.zeros((0, 5), np.float32)          # NumPy gives an empty array zero strides
+    _numpy.merge_(W, np.ones((2, 5), np.float32), np.ones((0, 2), np.float32), 1.0)   # a no-op, as ops.merge_
+    x = np.ones(10, np.float32)
+    with pytest.raises(TypeError, match="prune_: ratio must be a real number, got bool"):
+        _numpy.prune_(x, True)
+    with pytest.raises(TypeError, match="merge_: scale must be a real number"):
+        _numpy.merge_(W, np.ones((2, 5), np.float32), np.ones((0, 2), np.float32), "1")
+    with pytest.raises(ValueError, match="prune_: nthreads must be <= 1024"):
+        _numpy.prune_(x, 0.5, nthreads=2**40)
+    with pytest.raises(TypeError, match="reset_: nthreads must be an int"):
+        _numpy.reset_(x, np.ones(3, np.float32), 0.1, 0, 0, 2.0)
+    assert (x == 1).all()

@@ -647,3 +647,36 @@ class TestCpuLevels:
 
             keep = torch.from_numpy(philox_words(3, 1, x0.numel()) < np.uint64(math.floor(0.1 * 2 ** 32)))
             assert torch.equal(outs[0][1].view(dtype), torch.where(keep, x0, torch.zeros_like(x0)))
+
+
+def test_portable_kernels_refuse_what_the_cpu_kernels_refuse():
+    # the portable implementations run on CUDA and other devices; the test-only ops reach them on CPU
+    T = torch.ops.relora_testing
+    W, B = torch.ones(8, 1 << 10), torch.ones(8, 2)
+    W0 = W.clone()
+    with pytest.raises(ValueError, match="merge_: A and B must not share memory with W"):
+        T.merge_portable_(W, W[:2], B, 1.0, "nearest", 0)
+    for scale in (math.nan, math.inf, 1e39):
+        with pytest.raises(ValueError, match="merge_: scale must be finite"):
+            T.merge_portable_(W, torch.randn(2, 1 << 10), B, scale, "nearest", 0)
+    assert torch.equal(W, W0)
+    a = torch.zeros(10)
+    with pytest.raises(ValueError, match="reset_: A and B must not share memory"):
+        T.reset_portable_(a, a, 1.0, 0, 0)
+    with pytest.raises(ValueError, match="reset_: A and B must not share memory"):
+        T.reset_portable_(a[:5], a[4:], 1.0, 0, 0)   # partial overlap
+    b = torch.ones(3)
+    with pytest.raises(ValueError, match="reset_: std must be finite"):
+        T.reset_portable_(torch.empty(10), b, 1e39, 0, 0)
+    assert torch.equal(a, torch.zeros(10)) and torch.equal(b, torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_reset_std_is_bounded_so_that_A_stays_finite(dtype):
+    A, B = torch.empty(1000, dtype=dtype), torch.ones(3, dtype=dtype)
+    limit = torch.finfo(dtype).max / 6
+    with pytest.raises(ValueError, match="reset_: std must be a finite number"):
+        ops.reset_(A, B, std=limit * 1.01, seed=0)
+    assert torch.equal(B, torch.ones(3, dtype=dtype))
+    ops.reset_(A, B, std=limit, seed=0)
+    assert bool(torch.isfinite(A).all())

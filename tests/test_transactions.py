@@ -88,8 +88,13 @@ def _many_state_tensors(opt, layer):
         st[f"extra{i}"] = torch.zeros_like(layer.lora_A)
 
 
+def _init_std_beyond_float32(layer):
+    layer.init_std = 1e39  # set after construction: the reset would fail after the merge
+
+
 PLANTS = {
     "noncontiguous lora_A": (lambda opt, layer: _noncontiguous_A(layer), "not contiguous"),
+    "init_std beyond float32": (lambda opt, layer: _init_std_beyond_float32(layer), "init_std must be a finite"),
     "float64 optimizer state": (_float64_state, "torch.float64"),
     "NaN in lora_B": (lambda opt, layer: _nan_B(layer), "non-finite"),
     "meta weight": (lambda opt, layer: _meta_weight(layer), "different devices|meta"),
@@ -276,6 +281,26 @@ def test_ops_on_meta_tensors():
     ops.reset_(A, B, std=0.1, seed=0, offset=1)
     kept = ops.prune_(W, 0.5)
     assert kept.device.type == "meta" and kept.dtype == torch.int64
+
+
+def test_direct_ops_refuse_a_mix_of_meta_and_real_tensors():
+    W, A, B = torch.randn(6, 5), torch.randn(2, 5), torch.randn(6, 2)
+    W0, A0 = W.clone(), A.clone()
+    with pytest.raises(ValueError, match="merge_: W, A and B must be on one device"):
+        torch.ops.relora.merge_(W, A.to("meta"), B, 1.0, "nearest", 0)
+    with pytest.raises(ValueError, match="reset_: A and B must be on one device"):
+        torch.ops.relora.reset_(A, B.to("meta"), 1.0, 0, 0)
+    with pytest.raises(ValueError, match="merge_: expected W"):
+        torch.ops.relora.merge_(W.to("meta"), A.to("meta"), B[:5].to("meta"), 1.0, "nearest", 0)
+    assert torch.equal(W, W0) and torch.equal(A, A0)
+
+
+def test_lora_scalars_beyond_float32_are_refused_at_construction():
+    for kw in ({"alpha": 1e39}, {"init_std": 1e39}):
+        with pytest.raises(ValueError, match=f"LoRALinear: {next(iter(kw))} must be a finite number"):
+            LoRALinear(8, 8, r=2, **kw)
+        with pytest.raises(ValueError, match="must be a finite number"):
+            relora_ext.ReLoRAConfig(r=2, **{("lora_alpha" if "alpha" in kw else "init_std"): 1e39})
 
 
 def test_ops_compile_fullgraph():

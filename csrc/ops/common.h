@@ -4,7 +4,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
+#include <cmath>
 #include <cstdint>
 #include <new>
 #include <string>
@@ -57,6 +59,29 @@ inline void check_merge_args(const at::Tensor& W, const at::Tensor& A, const at:
   TORCH_CHECK_VALUE(A.device() == W.device() && B.device() == W.device(),
                     "merge_: W, A and B must be on one device, got ", W.device(), ", ",
                     A.device(), ", ", B.device());
+}
+
+// scale and std reach the kernels as float32.
+inline void check_f32_scalar(double v, const char* op, const char* arg, bool nonnegative) {
+  constexpr double kF32Max = 3.4028234663852886e38;
+  TORCH_CHECK_VALUE(std::isfinite(v) && std::fabs(v) <= kF32Max && !(nonnegative && v < 0), op, ": ", arg,
+                    " must be finite", nonnegative ? ", >= 0" : "", " and at most the float32 maximum, got ", v);
+}
+
+inline void check_reset_args(const at::Tensor& A, const at::Tensor& B, double std) {
+  kernel_dtype(A, "reset_", "A");
+  TORCH_CHECK_TYPE(A.scalar_type() == B.scalar_type(), "reset_: A and B must share a dtype, got ",
+                   A.scalar_type(), " and ", B.scalar_type());
+  TORCH_CHECK_VALUE(A.device() == B.device(), "reset_: A and B must be on one device, got ", A.device(),
+                    " and ", B.device());
+  check_f32_scalar(std, "reset_", "std", true);
+}
+
+// Whether a and b share memory (conservative where ATen cannot tell: views of one storage with gaps).
+// Only for tensors with data (never meta or fake tensors).
+inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
 }
 
 }  // namespace relora

@@ -13,6 +13,8 @@
 
 #include <vector>
 
+#include "ops/common.h"
+
 TORCH_LIBRARY(relora, m) {
   m.def("merge_(Tensor(a!) W, Tensor A, Tensor B, float scale, str rounding, int seed) -> ()");
   m.def("reset_(Tensor(a!) A, Tensor(b!) B, float std, int seed, int offset) -> ()");
@@ -54,16 +56,28 @@ TORCH_LIBRARY_IMPL(relora, Autograd, m) {
   m.impl("uniform_", torch::CppFunction::makeFromBoxedFunction<&autograd_inplace>());
 }
 
-// Meta: shapes only (the ops return nothing but prune_'s 0-dim count), so that meta tensors and
-// torch.compile's fake tensors pass through without touching data.
+// Meta: the argument checks that need no data (shapes, dtypes, devices, scalars; the ops return nothing
+// but prune_'s 0-dim count), so that meta tensors and torch.compile's fake tensors pass through without
+// touching data, and a mix of meta and real tensors is refused rather than silently ignored.
 namespace {
-void merge_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, c10::string_view,
-                int64_t) {}
-void reset_meta(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t) {}
+void merge_meta(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale,
+                c10::string_view rounding, int64_t) {
+  relora::check_merge_args(W, A, B);
+  relora::kernel_dtype(W, "merge_", "W");
+  relora::kernel_dtype(A, "merge_", "A");
+  relora::check_f32_scalar(scale, "merge_", "scale", false);
+  relora::parse_rounding(rounding);
+}
+void reset_meta(const at::Tensor& A, const at::Tensor& B, double std, int64_t, int64_t) {
+  relora::check_reset_args(A, B, std);
+}
 at::Tensor prune_meta(const at::Tensor& x, double, c10::string_view, int64_t, int64_t) {
+  relora::kernel_dtype(x, "prune_", "x");
   return at::empty({}, x.options().dtype(at::kLong));
 }
-void uniform_meta(const at::Tensor&, int64_t, int64_t) {}
+void uniform_meta(const at::Tensor& x, int64_t, int64_t) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "uniform_: x must be float32, got ", x.scalar_type());
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(relora, Meta, m) {

@@ -84,6 +84,7 @@ void merge_blas(const at::Tensor& W, relora_dtype wdt, int64_t ldw, const at::Te
 void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale,
                c10::string_view rounding, int64_t seed) {
   check_merge_args(W, A, B);
+  check_f32_scalar(scale, "merge_", "scale", false);
   const relora_dtype wdt = kernel_dtype(W, "merge_", "W");
   const relora_dtype adt = kernel_dtype(A, "merge_", "A");
   TORCH_CHECK_VALUE(W.stride(1) == 1 || W.size(1) <= 1,
@@ -107,9 +108,8 @@ void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, do
 }
 
 void reset_cpu(const at::Tensor& A, const at::Tensor& B, double std, int64_t seed, int64_t offset) {
+  check_reset_args(A, B, std);
   const relora_dtype dt = kernel_dtype(A, "reset_", "A");
-  TORCH_CHECK_TYPE(A.scalar_type() == B.scalar_type(), "reset_: A and B must share a dtype, got ",
-                   A.scalar_type(), " and ", B.scalar_type());
   TORCH_CHECK_VALUE(A.is_contiguous() && B.is_contiguous(),
                     "reset_: A and B must be contiguous, got strides ", A.strides(), " and ",
                     B.strides());

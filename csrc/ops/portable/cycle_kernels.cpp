@@ -116,6 +116,9 @@ void merge_portable(const at::Tensor& W, const at::Tensor& A, const at::Tensor& 
   check_merge_args(W, A, B);
   kernel_dtype(W, "merge_", "W");
   kernel_dtype(A, "merge_", "A");
+  check_f32_scalar(scale, "merge_", "scale", false);
+  TORCH_CHECK_VALUE(!may_overlap(W, A) && !may_overlap(W, B),
+                    "merge_: A and B must not share memory with W (W is written while they are read)");
   const relora_rounding mode = parse_rounding(rounding);
   TORCH_CHECK_VALUE(A.isfinite().all().item<bool>() && B.isfinite().all().item<bool>(),
                     "merge_: ", relora_status_string(RELORA_ERR_NONFINITE));
@@ -137,11 +140,8 @@ void merge_portable(const at::Tensor& W, const at::Tensor& A, const at::Tensor& 
 
 void reset_portable(const at::Tensor& A, const at::Tensor& B, double std, int64_t seed,
                     int64_t offset) {
-  kernel_dtype(A, "reset_", "A");
-  TORCH_CHECK_TYPE(A.scalar_type() == B.scalar_type(), "reset_: A and B must share a dtype, got ",
-                   A.scalar_type(), " and ", B.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(std) && std >= 0, "reset_: std must be finite and >= 0, got ",
-                    std);
+  check_reset_args(A, B, std);
+  TORCH_CHECK_VALUE(!may_overlap(A, B), "reset_: A and B must not share memory");
   B.zero_();
   if (A.numel() == 0) return;
   at::Tensor z = normal_stream(as_u64(seed), as_u64(offset), 0, A.numel(), A.device());
