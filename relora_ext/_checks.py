@@ -101,6 +101,9 @@ def check_writable(where: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(
             f"{where}: {name} requires grad and would be written in place; call it under torch.no_grad() "
             f"(got {name}.requires_grad=True with grad mode on)")
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        raise ValueError(f"{where}: {name} is written in place but its elements overlap (shape {tuple(t.shape)}, "
+                         f"strides {t.stride()}: an expanded view?); pass a tensor with its own memory")
 
 
 def check_contiguous(where: str, name: str, t: torch.Tensor) -> None:

@@ -680,3 +680,9 @@ def test_reset_std_is_bounded_so_that_A_stays_finite(dtype):
     assert torch.equal(B, torch.ones(3, dtype=dtype))
     ops.reset_(A, B, std=limit, seed=0)
     assert bool(torch.isfinite(A).all())
+
+
+def test_an_expanded_W_is_refused_with_the_strides_the_user_passed():
+    W = torch.randn(6, 1).expand(6, 5)
+    with pytest.raises(ValueError, match=r"merge_: W is written in place but its elements overlap .*strides \(1, 0\)"):
+        ops.merge_(W, torch.randn(2, 5), torch.randn(6, 2), 1.0)
