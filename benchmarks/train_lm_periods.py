@@ -10,6 +10,8 @@ the same model, data, LR and seeds as ``train_lm.py``, and writes one table to R
     python benchmarks/train_lm_periods.py                                    # 150 steps, periods 15 25 50
     python benchmarks/train_lm_periods.py --steps 600 --warmup 30 --periods 30 50 150 --seeds 0 \\
         --restart-share 0.1 --section train_lm_periods_long
+    python benchmarks/train_lm_periods.py --steps 3000 --warmup 60 --periods 100 500 --seeds 0 1 \\
+        --restart-share 0.1 --section train_lm_periods_3k      # 6.1M tokens: ~2 h of one core
 
 Runs are cached with train_lm's own cache (the same JSON per configuration), so a period that equals the one
 in train_lm's section reuses those runs.
@@ -45,6 +47,23 @@ def provenance_of(provs, argv) -> str:
             f"jobs)\n")
 
 
+def gap_closed(means, periods, full_ppl) -> str:
+    """The issue-12 measure: the share of ReLoRA*'s perplexity gap to full rank that SST closes, per period
+    and best against best; '' unless both ran."""
+    if not any(k[0] == "sst" for k in means) or not any(k[0] == "relora" for k in means):
+        return ""
+
+    def closed(rl, sst):
+        return f"{(rl - sst) / (rl - full_ppl):.0%}" if rl > full_ppl else "- (ReLoRA* not above full rank)"
+
+    per = "; ".join(f"period {q}: {closed(means['relora', q], means['sst', q])}" for q in periods)
+    best_rl = min(means["relora", q] for q in periods)
+    best_sst = min(means["sst", q] for q in periods)
+    return (f"Share of ReLoRA*'s gap to full rank that SST closes (issue 12's goal: at least 50%): {per}; "
+            f"best period against best period: {closed(best_rl, best_sst)} (ReLoRA* {best_rl:.3f}, SST "
+            f"{best_sst:.3f}, full rank {full_ppl:.3f}).\n\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
@@ -76,13 +95,13 @@ def main(argv=None):
     full = train_lm.run_config(base, "full", 0, args.lr, 0)
     full_ppl = train_lm._mean([train_lm.get_run(base, {**full, "seed": s})["val_ppl"] for s in args.seeds])
 
-    rows, provs = [], []
+    rows, provs, means = [], [], {}
     for m in args.methods:
         row = [train_lm.LABELS[m]]
         for period in args.periods:
             rs = runs(m, period)
             provs += [r["provenance"] for r in rs]
-            ppl = train_lm._mean([r["val_ppl"] for r in rs])
+            ppl = means[m, period] = train_lm._mean([r["val_ppl"] for r in rs])
             spread = (max(r["val_ppl"] for r in rs) - min(r["val_ppl"] for r in rs)) / 2
             pm = f" ± {spread:.3f}" if len(rs) > 1 else ""
             row.append(f"{ppl:.3f}{pm} ({ppl / full_ppl:.3f})")
@@ -97,7 +116,7 @@ def main(argv=None):
           f"m = {m_dirs} singular directions; a round is m / r = {m_dirs // args.rank} iterations), the restart warmup "
           f"{args.restart_share:.0%} of it. Each cell: validation perplexity per byte, mean ± half the range over seeds "
           f"(ppl / full rank's {full_ppl:.3f}).\n\n"
-          + table(head, rows) + "\n\n"
+          + table(head, rows) + "\n\n" + gap_closed(means, args.periods, full_ppl)
           + provenance_of(provs, argv) + "\n")
     print(md)
     if args.write_results:
