@@ -89,7 +89,8 @@ def main(argv=None):
         base.reset_every, base.restart_warmup = period, restart_warmup_for(period, args.restart_share)
         return [train_lm.get_run(base, train_lm.run_config(base, method, args.rank, args.lr, s)) for s in args.seeds]
 
-    # full rank ignores the period; its runs are the ones train_lm made at its own default period
+    # full rank ignores the period, but its cache key holds one: train_lm's 150-step default (50/8), else the
+    # 600-step section's 150/15 (so those cached runs are reused; longer runs keep the same convention)
     base.reset_every = train_lm.build_parser().get_default("reset_every") if args.steps == 150 else 150
     base.restart_warmup = train_lm.build_parser().get_default("restart_warmup") if args.steps == 150 else 15
     full = train_lm.run_config(base, "full", 0, args.lr, 0)

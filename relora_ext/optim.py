@@ -144,11 +144,11 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
             )
         backends = [backend_for(layer) for _, layer in layers]  # local, sharded, quantized or SST: once per layer
         from .distributed import is_dtensor
+        from .sst import FSDP2_REFUSAL
 
         for (name, layer), backend in zip(layers, backends):
             if backend is SSTLayer and any(is_dtensor(t) for t in (*layer.parameters(), *layer.buffers())):
-                raise ValueError(f"{where}: layer {name!r}: SST layers under FSDP2 (DTensor parameters) are not "
-                                 "supported yet; train SST with DDP or on one process")
+                raise ValueError(f"{where}: layer {name!r}: {FSDP2_REFUSAL}")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for (name, layer), backend in zip(layers, backends):
             for pname in backend.trained:

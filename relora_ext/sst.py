@@ -33,6 +33,7 @@ __all__ = ["SSTLinear", "renormalize_", "sample_directions", "sample_offset"]
 
 _sst_linear = torch.ops.relora.sst_linear.default
 
+FSDP2_REFUSAL = "SST layers under FSDP2 (DTensor parameters) are not supported yet; train SST with DDP or on one process"
 _STREAM_SST = (1 << 62) | (1 << 61)  # beside the reset draws (< 2⁶²) and the prune masks (2⁶² + ...)
 
 
@@ -242,7 +243,7 @@ class SSTLinear(nn.Module):
         for name, shape in shapes.items():
             t = getattr(self, name)
             if is_dtensor(t):
-                return "SST layers under FSDP2 (DTensor parameters) are not supported yet; use DDP"
+                return FSDP2_REFUSAL
             if t.device.type == "meta":
                 return "its tensors are on the meta device"
             if tuple(t.shape) != shape:
