@@ -30,9 +30,12 @@ import relora_ext
 from _report import context, cpu_model, table, write_section
 from relora_ext import _C, ops
 
-# torch held to a level's instructions, as on a CPU that has no more (MKL may ignore its variable).
+# torch held to a level's instructions, as on a CPU that has no more. MKL ignores MKL_ENABLE_INSTRUCTIONS
+# on AMD CPUs; MKL_CBWR=COMPATIBLE holds it to its SSE2 code on any x86 CPU (a 2048^3 fp32 mm: 2.3x
+# slower on a Zen 4; MKL_CBWR=AVX2 changed nothing there, so avx2 and up need no such hold).
 TORCH_CAPS = {
-    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+                "MKL_CBWR": "COMPATIBLE"},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
                "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
@@ -161,7 +164,7 @@ def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync, b
 
 def merge_path(dtype, r) -> str:
     """The path merge_ takes on CPU at the level that runs (csrc/ops/cpu/cycle_kernels.cpp)."""
-    return "blas" if relora_ext.cpu_capability() == "default" and r >= 32 else "kernel"
+    return "blas" if _C._merge_takes_blas(r) else "kernel"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,20 +383,23 @@ def main():
         pass
     paths = ("Merge path on CPU (`path` column, csrc/ops/cpu/cycle_kernels.cpp), chosen from these "
              "measurements: `kernel` (our fused product + one-rounding epilogue) for every dtype and rank "
-             "from avx2 up, and at the `default` level for r < 32; `blas` (torch's BLAS product on 256×256 "
-             "tiles + our one-rounding epilogue) at the `default` level for r ≥ 32, because torch's BLAS "
-             "keeps using the CPU's best instructions there (~185 GFLOP/s fp32, against 117 GFLOP/s for "
-             "SSE2 mul + add on this CPU, benchmarks/cpu_peak.c). At levels without FMA (`default`), an "
-             "fp32 W with a power-of-two scale (alpha/r, both powers of two; every case here, s = 1/r) is "
-             "updated with an fp32 mul + add, exact there; any other scale goes through double. "
-             "`other path ms` is the path not taken, forced, for comparison.")
+             "from avx2 up, and at the `default` level (SSE2, no FMA: 117 GFLOP/s fp32 on this CPU, "
+             "benchmarks/cpu_peak.c) wherever torch's BLAS has no wider vectors than ours, as here with MKL "
+             "held to SSE2; `blas` (torch's BLAS product on 256×256 tiles + our one-rounding epilogue) at "
+             "the `default` level for r ≥ 32 on a CPU with AVX whose MKL is not held (MKL_CBWR), where "
+             "torch's BLAS outruns our SSE2 product (~185 GFLOP/s against ~100 on this CPU). At levels "
+             "without FMA (`default`), an fp32 W with a power-of-two scale (alpha/r, both powers of two; "
+             "every case here, s = 1/r) is updated with an fp32 mul + add, exact there; any other scale goes "
+             "through double. `other path ms` is the path not taken, forced, for comparison.")
     text = "\n\n".join([
         f"## Native ops (issues 2, 10), {device}\n\n`{cmd}` — {cpu} ({flags}); "
         f"{time.perf_counter() - t0:.0f} s; 1-min load average at start {load0:.2f} (2 cores shared with "
         "other jobs: a parallel region can wait a scheduler tick, ~8 ms, for a descheduled worker).\n" + (
             "Each level runs in its own process with `RELORA_CPU_CAPABILITY=<level>`, torch held to the "
-            "same instructions (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`; `MKL_ENABLE_INSTRUCTIONS` is "
-            "set but MKL does not lower itself on this AMD CPU). Roofline reached = max(bytes moved / "
+            "same instructions (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`, `MKL_ENABLE_INSTRUCTIONS`, and "
+            "at `default` `MKL_CBWR=COMPATIBLE`, MKL's SSE2 code: MKL ignores `MKL_ENABLE_INSTRUCTIONS` on "
+            "this AMD CPU; `MKL_CBWR=AVX2` measured the same as MKL unheld, so no hold is needed from avx2 "
+            "up). Roofline reached = max(bytes moved / "
             "bandwidth, flops / GEMM peak of the dtype) / our time. Errors: max |W − exact| after one merge, "
             "exact in float64; misrounded: share of entries that differ from the exact result rounded once "
             "to nearest. Prune times exclude restoring the input; extra peak MiB: peak RSS of a fresh "

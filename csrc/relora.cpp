@@ -20,6 +20,7 @@ extern "C" {
 namespace relora {
 bool set_merge_path(const std::string& name);  // ops/cpu/cycle_kernels.cpp
 const char* merge_path();
+bool merge_takes_blas(int64_t R);
 }  // namespace relora
 
 static PyObject* cpu_capability(PyObject*, PyObject*) {
@@ -66,6 +67,12 @@ static PyObject* set_merge_path(PyObject*, PyObject* arg) {
 
 static PyObject* merge_path(PyObject*, PyObject*) { return PyUnicode_FromString(relora::merge_path()); }
 
+static PyObject* merge_takes_blas(PyObject*, PyObject* arg) {
+  const long long r = PyLong_AsLongLong(arg);
+  if (r == -1 && PyErr_Occurred()) return nullptr;
+  return PyBool_FromLong(relora::merge_takes_blas(r));
+}
+
 static PyMethodDef relora_methods[] = {
     {"_cpu_capability", cpu_capability, METH_NOARGS,
      "The instruction-set level the C kernels run: 'default', 'avx2', 'avx512' or 'avx512_bf16'."},
@@ -76,6 +83,8 @@ static PyMethodDef relora_methods[] = {
     {"_set_merge_path", set_merge_path, METH_O,
      "merge_ on CPU: 'auto' (measured choice), 'kernel' or 'blas' (tests and benchmarks)."},
     {"_merge_path", merge_path, METH_NOARGS, "The merge_ path setting: 'auto', 'kernel' or 'blas'."},
+    {"_merge_takes_blas", merge_takes_blas, METH_O,
+     "Whether a CPU merge_ at rank r takes the BLAS path now (the level that runs, the path setting)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -596,6 +596,27 @@ class TestCpuLevels:
             relora_ext._C._set_merge_path("auto")
         assert_close(W1, W2, rtol=4e-7, atol=1e-6)
 
+    @pytest.mark.parametrize("cbwr", [None, "COMPATIBLE", "SSE4_2", "AVX2"])
+    def test_merge_auto_path(self, cbwr):
+        # BLAS only at the default level, r >= 32, and only where torch's MKL is free to use AVX
+        import os
+        import subprocess
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+        env["RELORA_CPU_CAPABILITY"] = "default"
+        if cbwr is not None:
+            env["MKL_CBWR"] = cbwr
+        code = "from relora_ext import _C; print([_C._merge_takes_blas(r) for r in (8, 31, 32, 256)])"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        has_avx = os.path.exists("/proc/cpuinfo") and "avx" in open("/proc/cpuinfo").read().split()
+        wide = has_avx and cbwr in (None, "AVX2")
+        assert out.stdout.strip() == str([False, False, wide, wide])
+
+    def test_merge_auto_path_kernel_from_avx2_up(self):
+        for level in LEVELS[1:]:
+            assert not at_level(level, lambda: any(relora_ext._C._merge_takes_blas(r) for r in (8, 64, 256)))
+
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (64, 4099), (256, 1024)])
     def test_reset_against_float64(self, cpu_level, shape, dtype):

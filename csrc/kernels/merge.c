@@ -58,6 +58,13 @@
 #define MR 6
 #endif
 #define NV 2            /* vectors per micro-tile row */
+/* floats per packed entry of B: SSE2 has no broadcast from memory (a load and a shuffle, and the shuffles
+ * compete with the adds for ports), so at that level B is packed already broadcast, a vector per entry */
+#if VW == 4 && (defined(__x86_64__) || defined(__i386__))
+#define BB VW
+#else
+#define BB 1
+#endif
 #define NR (VW * NV)    /* micro-tile columns (of W and A) */
 #define MC 96           /* rows per tile, a multiple of MR */
 #define NC_MAX 8192
@@ -212,30 +219,37 @@ static void pack_a(float *restrict ap, const void *A, relora_dtype dt, int64_t I
     }
 }
 
-/* bp <- B[i0 : i0+mc, :] as fp32 slivers of MR rows: bp[q*R*MR + k*MR + r] = B[i0 + q*MR + r, k],
- * zero past row i0+mc. */
+/* bp <- B[i0 : i0+mc, :] as fp32 slivers of MR rows, each entry BB times: bp[(q*R*MR + k*MR + r)*BB + l]
+ * = B[i0 + q*MR + r, k], zero past row i0+mc. */
+static inline void put_b(float *restrict d, float v)
+{
+    for (int l = 0; l < BB; l++) d[l] = v;
+}
+
 static void pack_b(float *restrict bp, const void *B, relora_dtype dt, int64_t R, int64_t i0, int64_t mc)
 {
     const int64_t nq = (mc + MR - 1) / MR;
     for (int64_t q = 0; q < nq; q++) {
-        float *restrict dst = bp + q * R * MR;
+        float *restrict dst = bp + q * R * MR * BB;
         for (int r = 0; r < MR; r++) {
             const int64_t row = q * MR + r;
             if (row < mc) {
                 const int64_t base = (i0 + row) * R;
                 switch (dt) {
                 case RELORA_F32:
-                    for (int64_t k = 0; k < R; k++) dst[k * MR + r] = ((const float *)B)[base + k];
+                    for (int64_t k = 0; k < R; k++) put_b(dst + (k * MR + r) * BB, ((const float *)B)[base + k]);
                     break;
                 case RELORA_BF16:
-                    for (int64_t k = 0; k < R; k++) dst[k * MR + r] = bf16_to_f32(((const uint16_t *)B)[base + k]);
+                    for (int64_t k = 0; k < R; k++)
+                        put_b(dst + (k * MR + r) * BB, bf16_to_f32(((const uint16_t *)B)[base + k]));
                     break;
                 case RELORA_F16:
-                    for (int64_t k = 0; k < R; k++) dst[k * MR + r] = f16_to_f32(((const uint16_t *)B)[base + k]);
+                    for (int64_t k = 0; k < R; k++)
+                        put_b(dst + (k * MR + r) * BB, f16_to_f32(((const uint16_t *)B)[base + k]));
                     break;
                 }
             } else {
-                for (int64_t k = 0; k < R; k++) dst[k * MR + r] = 0.0f;
+                for (int64_t k = 0; k < R; k++) put_b(dst + (k * MR + r) * BB, 0.0f);
             }
         }
     }
@@ -256,7 +270,11 @@ static inline void kernel_mrxnr(float *restrict c, const float *restrict bp, con
         for (int v = 0; v < NV; v++) a[v] = *(const vf *)(ap + k * NR + v * VW);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; r++) {
+#if BB == VW
+            const vf b = *(const vf *)(bp + (k * MR + r) * BB);
+#else
             const vf b = vbcast(bp[k * MR + r]);
+#endif
             for (int v = 0; v < NV; v++) acc[r][v] += b * a[v];
         }
     }
@@ -684,7 +702,7 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
     const float inv = pow2_inverse(scale);
 
     /* per-thread packs: A panel (R, nc), B block (MC, R), SR words (MR, nc) */
-    const size_t a_floats = (size_t)(R * nc), b_floats = (size_t)(MC * R);
+    const size_t a_floats = (size_t)(R * nc), b_floats = (size_t)(MC * R * BB);
     const size_t w_words = stochastic ? (size_t)(MR * nc) : 0;
     const size_t per_thread = (a_floats + b_floats + w_words + (size_t)(MR * NR) + 64 + 15) / 16 * 16;
     float *scratch = relora_malloc(sizeof(float) * per_thread * (size_t)nthr);
@@ -728,7 +746,7 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
                             for (int64_t b = 0; b < NR * wes; b += 64)
                                 __builtin_prefetch((const char *)W + ((i0 + (q + 1) * MR + r) * ldw + j0 + s * NR) * wes + b, 0, 3);
                     if (dp) kernel_dp(ct, bp, ap, R, q, s);
-                    else kernel_mrxnr(ct, bp + q * R * MR, ap + s * R * NR, R);
+                    else kernel_mrxnr(ct, bp + q * R * MR * BB, ap + s * R * NR, R);
                     char *w0 = (char *)W + ((i0 + q * MR) * ldw + j0 + s * NR) * wes;
                     if (mr == MR && nr == NR && !stochastic && apply_tile(w0, wdtype, ldw, ct, scale, inv))
                         continue;

@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 extern "C" {
 #include "kernels/cpu.h"
@@ -40,18 +42,37 @@ const char* merge_path() { return merge_path_names[merge_path_mode.load()]; }
 
 namespace {
 
+// Whether torch's BLAS multiplies with wider vectors than our default-level kernel (SSE2 mul + add): where
+// the CPU has AVX and MKL is not held to its SSE code by MKL_CBWR (COMPATIBLE, SSE2 .. SSE4_2; users set
+// it for run-to-run reproducible MKL results). Read once, as MKL reads it.
+bool blas_wider_than_sse2() {
+  static const bool wider = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    if (!__builtin_cpu_supports("avx")) return false;
+    const char* cbwr = std::getenv("MKL_CBWR");
+    return !(cbwr != nullptr && (std::strncmp(cbwr, "COMPATIBLE", 10) == 0 || std::strncmp(cbwr, "SSE", 3) == 0));
+#else
+    return false;  // aarch64's default level has NEON FMA: our kernel keeps up
+#endif
+  }();
+  return wider;
+}
+
+}  // namespace
+
 // The measured choice (bench_ops.py at every level of a Zen 4, benchmarks/RESULTS.md): from avx2 up our
-// fused kernel matches or beats torch's BLAS at every rank, so it always runs. At the baseline level
-// (SSE2, no FMA: 117 GFLOP/s on 2 Zen 4 cores, benchmarks/cpu_peak.c) our kernel cannot keep up with
-// torch's BLAS, which still uses the best instructions the CPU has (~185 GFLOP/s): there the BLAS product
-// wins once the merge is compute-bound (r >= 32), for every dtype of W; below that the kernel, which
-// moves W once, is as fast or faster (r = 8, fp32 W: 1.35-1.6x addmm_ against 1.5-1.7x for BLAS).
-bool merge_takes_blas(relora_dtype wdt, relora_dtype adt, int64_t O, int64_t I, int64_t R) {
-  (void)wdt; (void)adt; (void)O; (void)I;
+// fused kernel matches or beats torch's BLAS at every rank, so it always runs. At the baseline level our
+// kernel runs SSE2 without FMA (117 GFLOP/s peak on 2 Zen 4 cores, benchmarks/cpu_peak.c): where torch's
+// BLAS uses wider vectors (~185 GFLOP/s there) its product wins once the merge is compute-bound
+// (r >= 32), for every dtype of W; below that, or against MKL held to SSE2 (~95 GFLOP/s), the kernel,
+// which moves W once, is as fast or faster.
+bool merge_takes_blas(int64_t R) {
   const int mode = merge_path_mode.load();
   if (mode != 0) return mode == 2;
-  return relora_cpu_level() == RELORA_CPU_DEFAULT && R >= 32;
+  return relora_cpu_level() == RELORA_CPU_DEFAULT && R >= 32 && blas_wider_than_sse2();
 }
+
+namespace {
 
 // W (O, I) += scale * B @ A: W is cut into tiles of at most TILE x TILE, spread over torch's threads;
 // each thread computes a tile's product with at::mm (torch's BLAS, single-threaded inside the parallel
@@ -95,7 +116,7 @@ void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, do
   const relora_rounding rnd = parse_rounding(rounding);
   const int nt = at::get_num_threads();
   const int64_t O = W.size(0), I = W.size(1), R = A.size(0);
-  if (merge_takes_blas(wdt, adt, O, I, R)) {
+  if (merge_takes_blas(R)) {
     check_status(lora_merge_check(W.const_data_ptr(), wdt, ldw, Bc.const_data_ptr(), Ac.const_data_ptr(),
                                   adt, O, I, R, static_cast<float>(scale), rnd, nt),
                  "merge_");
