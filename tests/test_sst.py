@@ -344,6 +344,62 @@ def test_renormalize_every_layer_in_one_call():
         torch.ops.relora.sst_renormalize_([layers[0].U_active], [], [layers[0].sigma], [layers[0].active])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_renormalize_native_loop_matches_aten_ops(dtype):
+    """The CPU loop (contiguous layers) against the ATen path (taken by a non-contiguous layer) and a float64
+    reference: unit columns, Σ scaled by the norms, negative Σ clamped, NaN kept."""
+    from relora_ext.sst import renormalize_
+
+    def noisy(seed):
+        layer = layer_of(9, 13, r=4, seed=seed)[1].to(dtype)
+        with torch.no_grad():
+            layer.U_active.mul_(torch.linspace(0.5, 3.0, 4, dtype=dtype))
+            layer.V_active.add_(0.1)
+            layer.sigma[0] = -0.25
+            layer.sigma[layer.active[2]] = -1.0
+            layer.U_active[:, 3] = 0
+        return layer
+
+    fast, slow = noisy(1), noisy(1)
+    ref_u, ref_v, ref_s = (t.detach().double().clone() for t in (fast.U_active, fast.V_active, fast.sigma))
+    with torch.no_grad():  # the same values, column-major: not contiguous, so the ATen ops run
+        slow.U_active.data = slow.U_active.data.t().contiguous().t()
+    renormalize_([fast])
+    renormalize_([slow])
+    nu, nv = ref_u.norm(dim=0), ref_v.norm(dim=0)
+    ok = (nu > 0) & (nv > 0)
+    ref_u /= torch.where(ok, nu, 1)
+    ref_v /= torch.where(ok, nv, 1)
+    ref_s[fast.active] *= torch.where(ok, nu * nv, 1)
+    ref_s.clamp_min_(0)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
+    for got in (fast, slow):
+        torch.testing.assert_close(got.U_active.double(), ref_u, **tol)
+        torch.testing.assert_close(got.V_active.double(), ref_v, **tol)
+        torch.testing.assert_close(got.sigma.double(), ref_s, **tol)
+    if dtype == torch.float32:  # norms in double rounded to fp32, then an fp32 division: the same bits
+        assert torch.equal(fast.U_active, slow.U_active) and torch.equal(fast.sigma, slow.sigma)
+    nan = noisy(2)
+    with torch.no_grad():
+        nan.sigma[1] = float("nan")
+    renormalize_([nan])
+    assert torch.isnan(nan.sigma[1]) and bool((nan.sigma[~torch.isnan(nan.sigma)] >= 0).all())
+
+
+def test_renormalize_refuses_a_bad_layer_before_changing_any():
+    from relora_ext.sst import renormalize_
+
+    good, bad = layer_of(seed=1)[1], layer_of(seed=2)[1]
+    with torch.no_grad():
+        good.U_active.mul_(2.0)
+        bad.active[0] = bad.sigma.numel()   # out of range
+    before = [t.detach().clone() for t in (good.U_active, good.V_active, good.sigma)]
+    with pytest.raises(IndexError, match="layer 1: active must index sigma's 12 entries"):
+        renormalize_([good, bad])
+    for t, b in zip((good.U_active, good.V_active, good.sigma), before):
+        assert torch.equal(t, b)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_layer_gradients_and_training_iterations_match_cpu():
     """On CUDA: the layer's output and gradients (fp32, and under bf16 autocast) against the float64 CPU

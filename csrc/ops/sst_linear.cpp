@@ -27,10 +27,16 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace relora {
 namespace {
@@ -209,15 +215,60 @@ at::Tensor sst_linear_autocast(const at::Tensor& x, const at::Tensor& U, const a
                  cached_cast(dt, Va, device), cached_cast(dt, bias, device));
 }
 
+// Column norms of x (rows, r), row-major, in double: norms[j] = ‖x[:, j]‖.
+template <typename T>
+void column_norms(const T* x, int64_t rows, int64_t r, double* norms) {
+  std::fill(norms, norms + r, 0.0);
+  for (int64_t i = 0; i < rows; i++)
+    for (int64_t j = 0; j < r; j++) {
+      const double v = static_cast<double>(x[i * r + j]);
+      norms[j] += v * v;
+    }
+  for (int64_t j = 0; j < r; j++) norms[j] = std::sqrt(norms[j]);
+}
+
+// One layer on CPU, in one pass over each tensor after the norms: what the ATen path below computes
+// (x / norm in x's arithmetic type, Σ · ‖u‖‖v‖ in double), without a dozen small ops per layer (about
+// 100 us each layer on CPU, as much as AdamW's own step for a model of small layers; bench_step.py).
+template <typename T>
+void renormalize_layer_cpu(const at::Tensor& Ua, const at::Tensor& Va, const at::Tensor& sigma,
+                           const at::Tensor& S) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t r = S.size(0);
+  std::vector<double> nu(r), nv(r);
+  T *u = Ua.data_ptr<T>(), *v = Va.data_ptr<T>(), *sg = sigma.data_ptr<T>();
+  column_norms(u, Ua.size(0), r, nu.data());
+  column_norms(v, Va.size(0), r, nv.data());
+  std::vector<acc_t> du(r), dv(r);  // divisors: 1 where a column is zero (it is left as it is)
+  std::vector<char> ok(r);
+  for (int64_t j = 0; j < r; j++) {
+    ok[j] = nu[j] > 0 && nv[j] > 0;
+    du[j] = ok[j] ? static_cast<acc_t>(nu[j]) : acc_t(1);
+    dv[j] = ok[j] ? static_cast<acc_t>(nv[j]) : acc_t(1);
+  }
+  for (int64_t i = 0; i < Ua.size(0); i++)
+    for (int64_t j = 0; j < r; j++) u[i * r + j] = static_cast<T>(static_cast<acc_t>(u[i * r + j]) / du[j]);
+  for (int64_t i = 0; i < Va.size(0); i++)
+    for (int64_t j = 0; j < r; j++) v[i * r + j] = static_cast<T>(static_cast<acc_t>(v[i * r + j]) / dv[j]);
+  const int64_t* idx = S.data_ptr<int64_t>();
+  for (int64_t j = 0; j < r; j++)
+    if (ok[j]) sg[idx[j]] = static_cast<T>(static_cast<double>(sg[idx[j]]) * (nu[j] * nv[j]));
+  for (int64_t k = 0; k < sigma.size(0); k++)
+    if (static_cast<acc_t>(sg[k]) < acc_t(0)) sg[k] = T(0);  // a NaN stays, as clamp_min leaves it
+}
+
 // For each layer i: unit-length columns of U_active[i] (out, r) and V_active[i] (in, r), their norms
 // moved into sigma[i] at active[i] (the function is unchanged), then sigma[i] >= 0. A column with a zero
-// norm is left as it is. Composite (ATen ops only): any device, and the in-place ops bump the versions.
+// norm is left as it is. Every layer is checked before any is changed. Contiguous CPU layers of one
+// floating dtype take the loop above (spread over torch's threads, a layer each); others, ATen ops (any
+// device). Both bump the tensors' versions, so a graph that saved them notices.
 void sst_renormalize_(at::TensorList U_active, at::TensorList V_active, at::TensorList sigma,
                       at::TensorList active) {
   const size_t n = U_active.size();
   TORCH_CHECK_VALUE(V_active.size() == n && sigma.size() == n && active.size() == n,
                     "sst_renormalize_: U_active, V_active, sigma and active must be lists of one length, got ",
                     n, ", ", V_active.size(), ", ", sigma.size(), ", ", active.size());
+  bool fast = true;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &Ua = U_active[i], &Va = V_active[i], &s = sigma[i], &S = active[i];
     TORCH_CHECK_VALUE(Ua.dim() == 2 && Va.dim() == 2 && s.dim() == 1 && S.dim() == 1 &&
@@ -225,6 +276,33 @@ void sst_renormalize_(at::TensorList U_active, at::TensorList V_active, at::Tens
                       "sst_renormalize_: layer ", i, ": expected U_active (out, r), V_active (in, r), "
                       "sigma (m,), active (r,), got ", Ua.sizes(), ", ", Va.sizes(), ", ", s.sizes(),
                       ", ", S.sizes());
+    TORCH_CHECK_TYPE(S.scalar_type() == at::kLong, "sst_renormalize_: layer ", i,
+                     ": active must be int64, got ", S.scalar_type());
+    const bool on_cpu = Ua.is_cpu() && Va.is_cpu() && s.is_cpu() && S.is_cpu();
+    if (on_cpu && S.numel() > 0) {
+      const auto [lo, hi] = at::aminmax(S);
+      TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < s.size(0), "sst_renormalize_: layer ",
+                        i, ": active must index sigma's ", s.size(0), " entries, got values in [",
+                        lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+    }
+    fast = fast && on_cpu && Va.scalar_type() == Ua.scalar_type() && s.scalar_type() == Ua.scalar_type() &&
+           at::isFloatingType(Ua.scalar_type()) && Ua.is_contiguous() && Va.is_contiguous() &&
+           s.is_contiguous() && S.is_contiguous();
+  }
+  if (fast) {
+    at::parallel_for(0, static_cast<int64_t>(n), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; i++)
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U_active[i].scalar_type(), "sst_renormalize_",
+                                        [&] { renormalize_layer_cpu<scalar_t>(U_active[i], V_active[i], sigma[i],
+                                                                              active[i]); });
+    });
+    for (size_t i = 0; i < n; ++i)
+      for (const at::Tensor* t : {&U_active[i], &V_active[i], &sigma[i]})
+        torch::autograd::impl::bump_version(*t);
+    return;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor &Ua = U_active[i], &Va = V_active[i], &s = sigma[i], &S = active[i];
     // Norms and their product in double: columns of large entries (1e20, a diverging run) would overflow
     // the sum of squares, and the product of two large norms, in fp32.
     const at::Tensor nu = at::linalg_vector_norm(Ua, 2, at::IntArrayRef{0}, false, at::kDouble);
