@@ -97,8 +97,10 @@ def train_one(method: str, lr: float, seed: int, args, *, record: bool = False, 
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         cycle = period if method in ("relora", "sst") else args.steps + 1
         opt = relora_ext.ReLoRAOptimizer(inner, model, reset_every=cycle, seed=seed)
-    sched = relora_ext.JaggedCosineLR(opt, total_steps=args.steps, warmup_steps=args.warmup,
-                                      cycle_length=max(cycle, args.warmup),
+    # a period shorter than the warmup shortens the warmup (the first reset must come after it), so that
+    # the re-warmups follow the resets at every period of the sweep
+    sched = relora_ext.JaggedCosineLR(opt, total_steps=args.steps, warmup_steps=min(args.warmup, cycle),
+                                      cycle_length=cycle,
                                       restart_warmup_steps=min(args.restart_warmup, cycle),
                                       min_lr_ratio=args.min_lr_ratio)
     g = torch.Generator().manual_seed(seed)

@@ -3,23 +3,26 @@
 //   relora::sst_renormalize_  the per-step renormalisation of every layer's active columns in one call
 //                             (ReLoRAOptimizer.step runs it after each optimizer step: no Python loop).
 //
-//   y = x Ws + b + ((x V_a) diag(Σ_S)) U_aᵀ,    Ws = (U diag(Σ) Vᵀ)ᵀ over the frozen directions
+//   y = x Wᵀ + b,    W = U' diag(Σ) V'ᵀ over all m directions (out, in)
 //
 // Shapes: x (*, in) flattened to (N, in); U (out, m) and V (in, m) the frozen directions (zeros in the
 // active columns); sigma Σ (m,); active S (r,) int64; U_active U_a (out, r), V_active V_a (in, r);
-// bias (out,) or None. One floating dtype for all but `active`, `U` and `V`: the frozen directions may be
-// kept in another floating dtype (SSTLinear's weight_dtype, e.g. bf16 beside fp32 trained columns); they
-// are cast to x's dtype where used.
+// bias (out,) or None. U' and V' are U and V with the active columns S set to U_a and V_a. One floating
+// dtype for all but `active`, `U` and `V`: the frozen directions may be kept in another floating dtype
+// (SSTLinear's weight_dtype, e.g. bf16 beside fp32 trained columns); they are cast to x's dtype where used.
 //
-// Backward, with G = ∂L/∂y (N, out), h_a = x V_a (N, r):
-//   ∂x   = G (U diag(Σ) Vᵀ) + ((G U_a) diag(Σ_S)) V_aᵀ       the true gradient
-//   ∂Σ   = diag(Uᵀ (Gᵀ x) V), plus Σ_n (G U_a) ∘ h_a at S     the true gradient
-//   ∂U_a = Gᵀ h_a           ∂V_a = xᵀ (G U_a)                  SST's enhanced gradient (no Σ_S)
+// Backward, with G = ∂L/∂y (N, out), M = Gᵀ x (out, in) and Q = M V' (out, m):
+//   ∂x   = G W                                   the true gradient
+//   ∂Σ   = diag(U'ᵀ Q)                           the true gradient
+//   ∂U_a = Q[:, S] = Gᵀ (x V_a)    ∂V_a = Mᵀ U_a = xᵀ (G U_a)     SST's enhanced gradient (no Σ_S)
 //   ∂b   = Σ_n G
-// Saved for backward: x, h_a (N, r), and the frozen product U diag(Σ) Vᵀ when it is no larger than x
-// (out <= N: it then costs less memory than x itself and saves the backward an out·in·m product; measured,
-// bench_step.py). The backward uses out-of-place ops only, and recomputes h_a and that product under
-// create_graph, so it is itself differentiable (double backward).
+// Work in multiply-adds, square d x d, N tokens: 2 d³ + 3 N d² + d² r. Folding the active block into W
+// and reading every gradient off M costs the rank r almost nothing: separate rank-r products for the
+// active block (x V_a, G U_a, and the four products with them) cost 6 N d r more, as much as 2 d³ at
+// r = d/4, N = 2d; bench_step.py).
+// Saved for backward: x and W when W is no larger than x (out <= N: it then costs less memory than x
+// itself and saves the backward an out·in·m product). The backward uses out-of-place ops only, and
+// recomputes W under create_graph, so it is itself differentiable (double backward).
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -81,22 +84,25 @@ at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) {
   return t.scalar_type() == dt ? t : t.to(dt);
 }
 
-// U diag(Σ) Vᵀ (out, in) over the frozen directions, in Σ's dtype.
-at::Tensor frozen_weight(const at::Tensor& U, const at::Tensor& V, const at::Tensor& sigma) {
-  return at::mm(as_dtype(U, sigma.scalar_type()) * sigma, as_dtype(V, sigma.scalar_type()).t());
+// The full basis in Σ's dtype: the frozen directions T (n, m) with the active columns S set to T_a (n, r).
+at::Tensor with_active(const at::Tensor& T, const at::Tensor& active, const at::Tensor& Ta) {
+  return as_dtype(T, Ta.scalar_type()).index_copy(1, active, Ta);
 }
 
-// y (N, out), h_a (N, r) and the frozen product W (out, in) for x2 (N, in).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_2d(const at::Tensor& x2, const at::Tensor& U,
-                                              const at::Tensor& V, const at::Tensor& sigma,
-                                              const at::Tensor& active, const at::Tensor& Ua,
-                                              const at::Tensor& Va,
+// W = U diag(Σ) Vᵀ (out, in) over all m directions, the active ones included, in Σ's dtype.
+at::Tensor sst_weight(const at::Tensor& U, const at::Tensor& V, const at::Tensor& sigma,
+                      const at::Tensor& active, const at::Tensor& Ua, const at::Tensor& Va) {
+  return at::mm(with_active(U, active, Ua) * sigma, with_active(V, active, Va).t());
+}
+
+// y (N, out) and the weight W (out, in) for x2 (N, in).
+std::tuple<at::Tensor, at::Tensor> forward_2d(const at::Tensor& x2, const at::Tensor& U, const at::Tensor& V,
+                                              const at::Tensor& sigma, const at::Tensor& active,
+                                              const at::Tensor& Ua, const at::Tensor& Va,
                                               const std::optional<at::Tensor>& bias) {
-  const at::Tensor W = frozen_weight(U, V, sigma);
+  at::Tensor W = sst_weight(U, V, sigma, active, Ua, Va);
   at::Tensor y = given(bias) ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
-  at::Tensor ha = at::mm(x2, Va);
-  y.addmm_(ha * sigma.index_select(0, active), Ua.t());
-  return {std::move(y), std::move(ha), std::move(W)};
+  return {std::move(y), std::move(W)};
 }
 
 at::Tensor out_shape(const at::Tensor& y2, const at::Tensor& x) {
@@ -121,13 +127,13 @@ using torch::autograd::variable_list;
 enum Edge : size_t { kX = 0, kSigma, kUa, kVa, kBias, kEdges };
 
 struct SSTLinearBackward : public torch::autograd::Node {
-  SavedVariable x_, U_, V_, sigma_, active_, Ua_, Va_, ha_, W_;  // W_: empty when not kept
+  SavedVariable x_, U_, V_, sigma_, active_, Ua_, Va_, W_;  // W_: empty when not kept
   std::vector<int64_t> x_shape;
 
   std::string name() const override { return "SSTLinearBackward"; }
 
   void release_variables() override {
-    for (SavedVariable* v : {&x_, &U_, &V_, &sigma_, &active_, &Ua_, &Va_, &ha_, &W_}) v->reset_data();
+    for (SavedVariable* v : {&x_, &U_, &V_, &sigma_, &active_, &Ua_, &Va_, &W_}) v->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -137,27 +143,24 @@ struct SSTLinearBackward : public torch::autograd::Node {
     const at::Tensor active = active_.unpack(), Ua = Ua_.unpack(), Va = Va_.unpack();
     const at::Tensor g = grads[0].reshape({-1, U.size(0)});
     const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-    // Under create_graph (double backward) h_a is recomputed, so that it carries its dependence on x.
-    const bool create_graph = c10::GradMode::is_enabled();
-    const at::Tensor ha = create_graph ? at::mm(x2, Va) : ha_.unpack();
-    const bool need_sigma = should_compute_output(kSigma);
-    const at::Tensor gUa = (should_compute_output(kX) || need_sigma || should_compute_output(kVa))
-                               ? at::mm(g, Ua)
-                               : at::Tensor();  // G U_a (N, r)
     if (should_compute_output(kX)) {
-      const at::Tensor kept = create_graph ? at::Tensor() : W_.unpack();
-      const at::Tensor W = kept.defined() ? kept : frozen_weight(U, V, sigma);
-      const at::Tensor gx = at::mm(g, W) + at::mm(gUa * sigma.index_select(0, active), Va.t());
-      out[kX] = gx.view(x_shape);
+      // Under create_graph (double backward) W is recomputed, so that it carries its dependence on Σ, U_a, V_a.
+      const at::Tensor kept = c10::GradMode::is_enabled() ? at::Tensor() : W_.unpack();
+      const at::Tensor W = kept.defined() ? kept : sst_weight(U, V, sigma, active, Ua, Va);
+      out[kX] = at::mm(g, W).view(x_shape);
     }
-    if (need_sigma) {  // diag(Uᵀ (Gᵀ x) V) over the frozen directions, Σ_n (G U_a) ∘ h_a at S
-      const at::Tensor gW = at::mm(g.t(), x2);
-      const at::ScalarType dt = sigma.scalar_type();
-      at::Tensor gs = (as_dtype(U, dt) * at::mm(gW, as_dtype(V, dt))).sum(0);
-      out[kSigma] = gs.index_add(0, active, (gUa * ha).sum(0));
+    const bool need_sigma = should_compute_output(kSigma), need_ua = should_compute_output(kUa);
+    if (need_sigma || need_ua || should_compute_output(kVa)) {
+      const at::Tensor gW = at::mm(g.t(), x2);  // Gᵀ x (out, in): every other gradient is a product with it
+      if (need_sigma) {                          // Q = Gᵀ x V over all m directions: ∂Σ = diag(Uᵀ Q), ∂U_a = Q[:, S]
+        const at::Tensor Q = at::mm(gW, with_active(V, active, Va));
+        out[kSigma] = (with_active(U, active, Ua) * Q).sum(0);
+        if (need_ua) out[kUa] = Q.index_select(1, active);
+      } else if (need_ua) {
+        out[kUa] = at::mm(gW, Va);
+      }
+      if (should_compute_output(kVa)) out[kVa] = at::mm(gW.t(), Ua);
     }
-    if (should_compute_output(kUa)) out[kUa] = at::mm(g.t(), ha);
-    if (should_compute_output(kVa)) out[kVa] = at::mm(x2.t(), gUa);
     if (should_compute_output(kBias)) out[kBias] = g.sum(0);
     return out;
   }
@@ -168,10 +171,10 @@ at::Tensor sst_linear_autograd(const at::Tensor& x, const at::Tensor& U, const a
                                const at::Tensor& Ua, const at::Tensor& Va,
                                const std::optional<at::Tensor>& bias) {
   check_args(x, U, V, sigma, active, Ua, Va, bias);
-  at::Tensor y, ha, W;
+  at::Tensor y, W;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::tie(y, ha, W) = forward_2d(x.reshape({-1, x.size(-1)}), U, V, sigma, active, Ua, Va, bias);
+    std::tie(y, W) = forward_2d(x.reshape({-1, x.size(-1)}), U, V, sigma, active, Ua, Va, bias);
     y = out_shape(y, x);
   }
   if (torch::autograd::compute_requires_grad(x, sigma, Ua, Va, bias)) {
@@ -185,7 +188,6 @@ at::Tensor sst_linear_autograd(const at::Tensor& x, const at::Tensor& U, const a
     node->active_ = SavedVariable(active, false);
     node->Ua_ = SavedVariable(Ua, false);
     node->Va_ = SavedVariable(Va, false);
-    node->ha_ = SavedVariable(ha, false);
     // out <= N, as x.numel() >= out * in (symbolic sizes under torch.compile: a guard there)
     if (x.requires_grad() &&
         x.sym_numel() >= U.sym_size(0) * x.sym_size(-1))
