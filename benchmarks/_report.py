@@ -25,12 +25,23 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
+# AMD's x86 families by CPU family number (cpuid): a virtual machine may report only "AMD EPYC"
+AMD_FAMILIES = {23: "Zen/Zen 2", 25: "Zen 3/Zen 4", 26: "Zen 5"}
+
+
 def cpu_model() -> str:
+    """The CPU's model name, with its family and model numbers (and AMD's core generation) where lscpu
+    gives them: the name alone may not tell the microarchitecture."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        name = fields.get("Model name", "").strip()
+        family, model = fields.get("CPU family", "").strip(), fields.get("Model", "").strip()
+        if name and family.isdigit():
+            gen = AMD_FAMILIES.get(int(family), "") if "AMD" in name else ""
+            return f"{name} (family {family}, model {model}{', ' + gen if gen else ''})"
+        if name:
+            return name
     except Exception:  # pragma: no cover
         pass
     return platform.processor() or "unknown"

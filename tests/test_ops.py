@@ -596,6 +596,28 @@ class TestCpuLevels:
             relora_ext._C._set_merge_path("auto")
         assert_close(W1, W2, rtol=4e-7, atol=1e-6)
 
+    @pytest.mark.parametrize("scale", [0.125, 2.0 ** -6, -0.5, 1.0, 4.0])
+    @pytest.mark.parametrize("shape", [(7, 9, 3), (96, 64, 8), (100, 515, 37)])
+    @pytest.mark.parametrize("tiny", [False, True])
+    def test_merge_fp32_is_W_plus_scale_times_the_kernels_product(self, cpu_level, scale, shape, tiny):
+        # For a power-of-two scale the merge is fl32(W + s * P), P the kernel's fp32 product (a merge into
+        # zeros at scale 1), bit for bit: whether the level scales A while packing (default, |s| <= 1, every
+        # product s*b*a a normal float) or scales the sum in the epilogue (FMA levels, |s| > 1, tiny values)
+        out, in_, r = shape
+        W, A, B = sample_merge(out, in_, r, torch.float32, torch.float32, seed=r)
+        if tiny:  # s * b * a below the normal range: the default level must not prescale
+            A[0, 0], B[0, 0] = 1e-20, 1e-19
+        try:
+            relora_ext._C._set_merge_path("kernel")
+            P = torch.zeros(out, in_)
+            ops.merge_(P, A, B, 1.0)
+            got = W.clone()
+            ops.merge_(got, A, B, scale)
+        finally:
+            relora_ext._C._set_merge_path("auto")
+        assert bool(torch.isfinite(P).all())
+        assert torch.equal(got, W + scale * P)
+
     @pytest.mark.parametrize("cbwr", [None, "COMPATIBLE", "SSE4_2", "AVX2"])
     def test_merge_auto_path(self, cbwr):
         # BLAS only at the default level, r >= 32, and only where torch's MKL is free to use AVX

@@ -8,7 +8,9 @@
  *   - per tile, the R x NC panel of A is packed (converted to fp32) into slivers of NR columns, and the
  *     MC x R block of B into slivers of MR rows, k-major: the micro-kernel streams contiguous fp32;
  *   - the micro-kernel keeps an MR x NR block of sums in vector registers over k = 0 .. R-1, then the
- *     epilogue reads that block of W once, adds scale * sum in fp32, rounds into W's dtype and stores.
+ *     epilogue reads that block of W once, adds scale * sum in fp32, rounds into W's dtype and stores
+ *     (fp32 W without FMA: A is packed already scaled where that is exact, and the micro-kernel adds
+ *     its sums into W itself, see prescaled_ok).
  * W is read and written exactly once, so for small R the merge runs at memory speed; for large R the
  * micro-kernel runs at (close to) FMA peak. Temporaries are the per-thread packs (a few hundred KB).
  *
@@ -28,6 +30,7 @@
 #pragma clang fp contract(fast)
 #endif
 
+#include <float.h>
 #include <math.h>
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(RELORA_NO_INTRINSICS)
@@ -182,10 +185,10 @@ static int has_nonfinite(const void *x, relora_dtype dt, int64_t n, int nt)
 /* ---------------------------------------------------------------------------------------------------- */
 /* packing */
 
-/* ap <- A[:, j0 : j0+nc] as fp32 slivers of NR columns: ap[s*R*NR + k*NR + l] = A[k, j0 + s*NR + l],
- * zero past column j0+nc. */
+/* ap <- A[:, j0 : j0+nc] times `pre` as fp32 slivers of NR columns: ap[s*R*NR + k*NR + l] =
+ * pre * A[k, j0 + s*NR + l], zero past column j0+nc (pre: 1, or the scale, see prescaled_ok). */
 static void pack_a(float *restrict ap, const void *A, relora_dtype dt, int64_t I, int64_t R,
-                   int64_t j0, int64_t nc)
+                   int64_t j0, int64_t nc, float pre)
 {
     const int64_t ns = (nc + NR - 1) / NR;
     for (int64_t s = 0; s < ns; s++) {
@@ -198,22 +201,22 @@ static void pack_a(float *restrict ap, const void *A, relora_dtype dt, int64_t I
                 switch (dt) {
                 case RELORA_F32: {
                     const float *src = (const float *)A + k * I + c0;
-                    for (int l = 0; l < NR; l++) d[l] = src[l];
+                    for (int l = 0; l < NR; l++) d[l] = pre * src[l];
                     break;
                 }
                 case RELORA_BF16: {
                     const uint16_t *src = (const uint16_t *)A + k * I + c0;
-                    for (int l = 0; l < NR; l++) d[l] = bf16_to_f32(src[l]);
+                    for (int l = 0; l < NR; l++) d[l] = pre * bf16_to_f32(src[l]);
                     break;
                 }
                 case RELORA_F16: {
                     const uint16_t *src = (const uint16_t *)A + k * I + c0;
-                    for (int l = 0; l < NR; l++) d[l] = f16_to_f32(src[l]);
+                    for (int l = 0; l < NR; l++) d[l] = pre * f16_to_f32(src[l]);
                     break;
                 }
                 }
             } else {
-                for (int l = 0; l < NR; l++) d[l] = l < w ? load_as_f32(A, dt, k * I + c0 + l) : 0.0f;
+                for (int l = 0; l < NR; l++) d[l] = l < w ? pre * load_as_f32(A, dt, k * I + c0 + l) : 0.0f;
             }
         }
     }
@@ -256,10 +259,10 @@ static void pack_b(float *restrict bp, const void *B, relora_dtype dt, int64_t R
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* micro-kernel: c (MR, NR) = sum_k bp[k, :]^T ap[k, :]; bp (R, MR), ap (R, NR), both packed fp32 */
-
-static inline void kernel_mrxnr(float *restrict c, const float *restrict bp, const float *restrict ap,
-                                int64_t R)
+/* micro-kernel: c (MR, NR, rows ldc apart) = sum_k bp[k, :]^T ap[k, :], or c += that sum (accumulate: an
+ * fp32 W, one rounding per element); bp (R, MR), ap (R, NR), both packed fp32 */
+static inline void kernel_mrxnr(float *restrict c, int64_t ldc, int accumulate, const float *restrict bp,
+                                const float *restrict ap, int64_t R)
 {
     vf acc[MR][NV];
 #pragma GCC unroll 8
@@ -280,7 +283,32 @@ static inline void kernel_mrxnr(float *restrict c, const float *restrict bp, con
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++) *(vf *)(c + r * NR + v * VW) = acc[r][v];
+        for (int v = 0; v < NV; v++) {
+            vf_u *o = (vf_u *)(c + r * ldc + v * VW);
+            *o = accumulate ? *o + acc[r][v] : acc[r][v];
+        }
+}
+
+/* Whether A can be packed already multiplied by the scale (pack_a's `pre`) for an fp32 W at a level
+ * without FMA, so that the epilogue is one add, fused into the micro-kernel: the scale a power of two of
+ * magnitude <= 1 (inv != 0) and every nonzero product scale * b * a a normal float. Then each product,
+ * and so each partial sum, is exactly the scale times what the unscaled kernel computes (a subnormal
+ * sum is exact), and W + sum is bit for bit W + scale * sum of the unscaled path, which add_scaled_f32
+ * would round once too. */
+static int prescaled_ok(const void *A, const void *B, relora_dtype dt, int64_t na, int64_t nb, float scale,
+                        float inv)
+{
+    if (inv == 0.0f || fabsf(scale) > 1.0f) return 0;
+    double amin = INFINITY, bmin = INFINITY;
+    for (int64_t i = 0; i < na; i++) {
+        const double x = fabs((double)load_as_f32(A, dt, i));
+        if (x != 0.0 && x < amin) amin = x;
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        const double x = fabs((double)load_as_f32(B, dt, i));
+        if (x != 0.0 && x < bmin) bmin = x;
+    }
+    return amin == INFINITY || bmin == INFINITY || amin * bmin * fabs((double)scale) >= (double)FLT_MIN;
 }
 
 #if MERGE_BF16_DP
@@ -700,6 +728,8 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
     const int nthr = ntiles < nt ? (int)ntiles : nt;
     const int dp = MERGE_BF16_DP && adtype == RELORA_BF16; /* packs hold bf16 pairs (fit in the fp32 sizes) */
     const float inv = pow2_inverse(scale);
+    const int pre = !MERGE_HAS_FMA && !dp && wdtype == RELORA_F32 &&
+                    prescaled_ok(A, B, adtype, R * I, O * R, scale, inv);
 
     /* per-thread packs: A panel (R, nc), B block (MC, R), SR words (MR, nc) */
     const size_t a_floats = (size_t)(R * nc), b_floats = (size_t)(MC * R * BB);
@@ -725,7 +755,7 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
             const int64_t mc = O - i0 < MC ? O - i0 : MC;
             if (packed_jc != jci) {
                 if (dp) pack_a_dp(ap, A, I, R, j0, ncw);
-                else pack_a(ap, A, adtype, I, R, j0, ncw);
+                else pack_a(ap, A, adtype, I, R, j0, ncw, pre ? scale : 1.0f);
                 packed_jc = jci;
             }
             if (dp) pack_b_dp(bp, B, R, i0, mc);
@@ -745,9 +775,20 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
                         for (int64_t r = 0; r < MR && (q + 1) * MR + r < mc; r++)
                             for (int64_t b = 0; b < NR * wes; b += 64)
                                 __builtin_prefetch((const char *)W + ((i0 + (q + 1) * MR + r) * ldw + j0 + s * NR) * wes + b, 0, 3);
-                    if (dp) kernel_dp(ct, bp, ap, R, q, s);
-                    else kernel_mrxnr(ct, bp + q * R * MR * BB, ap + s * R * NR, R);
                     char *w0 = (char *)W + ((i0 + q * MR) * ldw + j0 + s * NR) * wes;
+                    if (pre) { /* sums already scaled: W += sum, in the micro-kernel for a whole tile */
+                        const float *bq = bp + q * R * MR * BB, *as = ap + s * R * NR;
+                        if (mr == MR && nr == NR) {
+                            kernel_mrxnr((float *)w0, ldw, 1, bq, as, R);
+                        } else {
+                            kernel_mrxnr(ct, NR, 0, bq, as, R);
+                            for (int64_t r = 0; r < mr; r++)
+                                add_scaled_f32((float *)w0 + r * ldw, ct + r * NR, nr, 1.0f, 1.0f);
+                        }
+                        continue;
+                    }
+                    if (dp) kernel_dp(ct, bp, ap, R, q, s);
+                    else kernel_mrxnr(ct, NR, 0, bp + q * R * MR * BB, ap + s * R * NR, R);
                     if (mr == MR && nr == NR && !stochastic && apply_tile(w0, wdtype, ldw, ct, scale, inv))
                         continue;
                     for (int64_t r = 0; r < mr; r++) {
