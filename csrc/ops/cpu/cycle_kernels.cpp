@@ -65,7 +65,7 @@ bool blas_wider_than_sse2() {
 // level our kernel runs SSE2 without FMA (117 GFLOP/s peak on 2 Zen 4 cores, benchmarks/cpu_peak.c):
 // where torch's BLAS uses wider vectors (about twice as fast there) its product wins once the merge is
 // compute-bound (r >= 32), for every dtype of W; below that, or against MKL held to SSE2, the kernel,
-// which moves W once, is as fast or faster (Zen 5, 4096², r = 256: 85 ms against 98 ms through BLAS).
+// which moves W once, is as fast or faster (Zen 5, 4096², r = 256: 83 ms against 95 ms through BLAS).
 bool merge_takes_blas(int64_t R) {
   const int mode = merge_path_mode.load();
   if (mode != 0) return mode == 2;
