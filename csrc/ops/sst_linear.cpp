@@ -3,26 +3,26 @@
 //   relora::sst_renormalize_  the per-step renormalisation of every layer's active columns in one call
 //                             (ReLoRAOptimizer.step runs it after each optimizer step: no Python loop).
 //
-//   y = x Wᵀ + b,    W = U' diag(Σ) V'ᵀ over all m directions (out, in)
+//   y = x Wᵀ + b,    W = U diag(Σ) Vᵀ + U_a diag(Σ_S) V_aᵀ over all m directions (out, in)
 //
 // Shapes: x (*, in) flattened to (N, in); U (out, m) and V (in, m) the frozen directions (zeros in the
 // active columns); sigma Σ (m,); active S (r,) int64; U_active U_a (out, r), V_active V_a (in, r);
-// bias (out,) or None. U' and V' are U and V with the active columns S set to U_a and V_a. One floating
-// dtype for all but `active`, `U` and `V`: the frozen directions may be kept in another floating dtype
-// (SSTLinear's weight_dtype, e.g. bf16 beside fp32 trained columns); they are cast to x's dtype where used.
+// bias (out,) or None. One floating dtype for all but `active`, `U` and `V`: the frozen directions may be
+// kept in another floating dtype (SSTLinear's weight_dtype, e.g. bf16 beside fp32 trained columns); they
+// are cast to x's dtype where used.
 //
-// Backward, with G = ∂L/∂y (N, out), M = Gᵀ x (out, in) and Q = M V' (out, m):
-//   ∂x   = G W                                   the true gradient
-//   ∂Σ   = diag(U'ᵀ Q)                           the true gradient
-//   ∂U_a = Q[:, S] = Gᵀ (x V_a)    ∂V_a = Mᵀ U_a = xᵀ (G U_a)     SST's enhanced gradient (no Σ_S)
+// Backward, with G = ∂L/∂y (N, out) and M = Gᵀ x (out, in):
+//   ∂x   = G W                                          the true gradient
+//   ∂Σ   = diag(Uᵀ M V), and diag(U_aᵀ M V_a) at S      the true gradient
+//   ∂U_a = M V_a = Gᵀ (x V_a)    ∂V_a = Mᵀ U_a = xᵀ (G U_a)     SST's enhanced gradient (no Σ_S)
 //   ∂b   = Σ_n G
-// Work in multiply-adds, square d x d, N tokens: 2 d³ + 3 N d² + d² r. Folding the active block into W
+// Work in multiply-adds, square d x d, N tokens: 2 d³ + 3 N d² + 3 d² r. Folding the active block into W
 // and reading every gradient off M costs the rank r almost nothing: separate rank-r products for the
-// active block (x V_a, G U_a, and the four products with them) cost 6 N d r more, as much as 2 d³ at
-// r = d/4, N = 2d; bench_step.py).
+// active block (x V_a, G U_a, and the four products with them) would cost 6 N d r instead of 3 d² r.
 // Saved for backward: x and W when W is no larger than x (out <= N: it then costs less memory than x
-// itself and saves the backward an out·in·m product). The backward uses out-of-place ops only, and
-// recomputes W under create_graph, so it is itself differentiable (double backward).
+// itself and saves the backward an out·in·m product). The backward uses out-of-place ops only (but for
+// an in-place update of a fresh product), and recomputes W under create_graph, so it is itself
+// differentiable (double backward).
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -84,15 +84,14 @@ at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) {
   return t.scalar_type() == dt ? t : t.to(dt);
 }
 
-// The full basis in Σ's dtype: the frozen directions T (n, m) with the active columns S set to T_a (n, r).
-at::Tensor with_active(const at::Tensor& T, const at::Tensor& active, const at::Tensor& Ta) {
-  return as_dtype(T, Ta.scalar_type()).index_copy(1, active, Ta);
-}
-
-// W = U diag(Σ) Vᵀ (out, in) over all m directions, the active ones included, in Σ's dtype.
+// W = U diag(Σ) Vᵀ + U_a diag(Σ_S) V_aᵀ (out, in): all m directions, the frozen ones (U, V are zero in
+// the active columns) and the active ones, in Σ's dtype. A rank-r update rather than copies of U and V
+// with the active columns put in: two fewer (out + in) x m copies a call.
 at::Tensor sst_weight(const at::Tensor& U, const at::Tensor& V, const at::Tensor& sigma,
                       const at::Tensor& active, const at::Tensor& Ua, const at::Tensor& Va) {
-  return at::mm(with_active(U, active, Ua) * sigma, with_active(V, active, Va).t());
+  const at::ScalarType dt = sigma.scalar_type();
+  at::Tensor W = at::mm(as_dtype(U, dt) * sigma, as_dtype(V, dt).t());
+  return W.addmm_(Ua * sigma.index_select(0, active), Va.t());
 }
 
 // y (N, out) and the weight W (out, in) for x2 (N, in).
@@ -152,10 +151,12 @@ struct SSTLinearBackward : public torch::autograd::Node {
     const bool need_sigma = should_compute_output(kSigma), need_ua = should_compute_output(kUa);
     if (need_sigma || need_ua || should_compute_output(kVa)) {
       const at::Tensor gW = at::mm(g.t(), x2);  // Gᵀ x (out, in): every other gradient is a product with it
-      if (need_sigma) {                          // Q = Gᵀ x V over all m directions: ∂Σ = diag(Uᵀ Q), ∂U_a = Q[:, S]
-        const at::Tensor Q = at::mm(gW, with_active(V, active, Va));
-        out[kSigma] = (with_active(U, active, Ua) * Q).sum(0);
-        if (need_ua) out[kUa] = Q.index_select(1, active);
+      if (need_sigma) {  // ∂Σ = diag(Uᵀ (Gᵀx) V) over the frozen directions, diag(U_aᵀ Q_a) at S
+        const at::ScalarType dt = sigma.scalar_type();
+        const at::Tensor Qa = at::mm(gW, Va);  // Gᵀ x V_a = ∂U_a
+        const at::Tensor gs = (as_dtype(U, dt) * at::mm(gW, as_dtype(V, dt))).sum(0);
+        out[kSigma] = gs.index_add(0, active, (Ua * Qa).sum(0));
+        if (need_ua) out[kUa] = Qa;
       } else if (need_ua) {
         out[kUa] = at::mm(gW, Va);
       }
