@@ -598,15 +598,21 @@ class TestCpuLevels:
 
     @pytest.mark.parametrize("scale", [0.125, 2.0 ** -6, -0.5, 1.0, 4.0])
     @pytest.mark.parametrize("shape", [(7, 9, 3), (96, 64, 8), (100, 515, 37)])
-    @pytest.mark.parametrize("tiny", [False, True])
+    @pytest.mark.parametrize("tiny", [None, "product", "scaled_a", "overflow"])
     def test_merge_fp32_is_W_plus_scale_times_the_kernels_product(self, cpu_level, scale, shape, tiny):
         # For a power-of-two scale the merge is fl32(W + s * P), P the kernel's fp32 product (a merge into
         # zeros at scale 1), bit for bit: whether the level scales A while packing (default, |s| <= 1, every
         # product s*b*a a normal float) or scales the sum in the epilogue (FMA levels, |s| > 1, tiny values)
         out, in_, r = shape
         W, A, B = sample_merge(out, in_, r, torch.float32, torch.float32, seed=r)
-        if tiny:  # s * b * a below the normal range: the default level must not prescale
+        # cases where the default level must not prescale: s * b * a or s * a below the normal range, or
+        # a sum that overflows (W + s * inf)
+        if tiny == "product":
             A[0, 0], B[0, 0] = 1e-20, 1e-19
+        elif tiny == "scaled_a":
+            A[0, 0], B[:, 0] = 3 * 2.0 ** -149, 2.0 ** 30
+        elif tiny == "overflow":
+            A[0, :], B[:, 0] = 2.0 ** 100, 2.0 ** 100
         try:
             relora_ext._C._set_merge_path("kernel")
             P = torch.zeros(out, in_)
@@ -615,7 +621,7 @@ class TestCpuLevels:
             ops.merge_(got, A, B, scale)
         finally:
             relora_ext._C._set_merge_path("auto")
-        assert bool(torch.isfinite(P).all())
+        assert bool(torch.isfinite(P).all()) or tiny == "overflow"
         assert torch.equal(got, W + scale * P)
 
     @pytest.mark.parametrize("cbwr", [None, "COMPATIBLE", "SSE4_2", "AVX2"])
@@ -632,7 +638,7 @@ class TestCpuLevels:
         code = "from relora_ext import _C; print([_C._merge_takes_blas(r) for r in (8, 31, 32, 256)])"
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         has_avx = os.path.exists("/proc/cpuinfo") and "avx" in open("/proc/cpuinfo").read().split()
-        wide = has_avx and cbwr in (None, "AVX2")
+        wide = has_avx and cbwr != "COMPATIBLE"  # only COMPATIBLE holds MKL to SSE2 on every x86 CPU
         assert out.stdout.strip() == str([False, False, wide, wide])
 
     def test_merge_auto_path_kernel_from_avx2_up(self):

@@ -377,13 +377,54 @@ def test_renormalize_native_loop_matches_aten_ops(dtype):
         torch.testing.assert_close(got.U_active.double(), ref_u, **tol)
         torch.testing.assert_close(got.V_active.double(), ref_v, **tol)
         torch.testing.assert_close(got.sigma.double(), ref_s, **tol)
-    if dtype == torch.float32:  # norms in double rounded to fp32, then an fp32 division: the same bits
+    if dtype != torch.float64:  # norms in double rounded to fp32, then a division in fp32: the same bits
         assert torch.equal(fast.U_active, slow.U_active) and torch.equal(fast.sigma, slow.sigma)
     nan = noisy(2)
     with torch.no_grad():
         nan.sigma[1] = float("nan")
     renormalize_([nan])
     assert torch.isnan(nan.sigma[1]) and bool((nan.sigma[~torch.isnan(nan.sigma)] >= 0).all())
+
+
+def test_renormalize_a_layer_named_twice_is_renormalized_twice_in_turn():
+    from relora_ext.sst import renormalize_
+
+    layer, twin = layer_of(seed=3)[1], layer_of(seed=3)[1]
+    with torch.no_grad():
+        for m in (layer, twin):
+            m.U_active.mul_(torch.tensor([0.5, 2.0, 3.0]))
+            m.V_active.mul_(1.5)
+    renormalize_([layer, layer])
+    renormalize_([twin])
+    renormalize_([twin])
+    for a, b in ((layer.U_active, twin.U_active), (layer.V_active, twin.V_active), (layer.sigma, twin.sigma)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fault", ["duplicate", "int_sigma", "float8"])
+def test_renormalize_refuses_bad_dtypes_and_repeated_directions_before_changing_any(fault):
+    from relora_ext.sst import renormalize_
+
+    good, bad = layer_of(seed=1)[1], layer_of(seed=2)[1]
+    with torch.no_grad():
+        good.U_active.mul_(2.0)
+    lists = [[m.U_active for m in (good, bad)], [m.V_active for m in (good, bad)],
+             [m.sigma for m in (good, bad)], [m.active for m in (good, bad)]]
+    if fault == "duplicate":
+        lists[3][1] = torch.tensor([0, 4, 0])
+        err, match = ValueError, "layer 1: active must not repeat a direction, got 0 twice"
+    elif fault == "int_sigma":
+        lists[2][1] = torch.zeros(12, dtype=torch.int32)
+        err, match = TypeError, "layer 1: U_active, V_active and sigma must be float32, float64, bfloat16 or float16"
+    else:
+        lists[0][1] = bad.U_active.detach().to(torch.float8_e4m3fn)
+        err, match = TypeError, "must be float32, float64, bfloat16 or float16"
+    before = [t.detach().clone() for t in (good.U_active, good.V_active, good.sigma)]
+    versions = [t._version for t in (good.U_active, good.V_active, good.sigma)]
+    with pytest.raises(err, match=match):
+        torch.ops.relora.sst_renormalize_(*lists)
+    for t, b, v in zip((good.U_active, good.V_active, good.sigma), before, versions):
+        assert torch.equal(t, b) and t._version == v
 
 
 def test_renormalize_refuses_a_bad_layer_before_changing_any():

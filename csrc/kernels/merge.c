@@ -290,25 +290,31 @@ static inline void kernel_mrxnr(float *restrict c, int64_t ldc, int accumulate, 
 }
 
 /* Whether A can be packed already multiplied by the scale (pack_a's `pre`) for an fp32 W at a level
- * without FMA, so that the epilogue is one add, fused into the micro-kernel: the scale a power of two of
- * magnitude <= 1 (inv != 0) and every nonzero product scale * b * a a normal float. Then each product,
- * and so each partial sum, is exactly the scale times what the unscaled kernel computes (a subnormal
- * sum is exact), and W + sum is bit for bit W + scale * sum of the unscaled path, which add_scaled_f32
- * would round once too. */
-static int prescaled_ok(const void *A, const void *B, relora_dtype dt, int64_t na, int64_t nb, float scale,
-                        float inv)
+ * without FMA, so that the epilogue is one add, fused into the micro-kernel. It can when the scale is a
+ * power of two of magnitude <= 1 (inv != 0), every nonzero s * a and s * b * a is a normal float, and no
+ * sum of R products overflows: then each product, and so each partial sum, is exactly the scale times
+ * what the unscaled kernel computes (a sum that falls below the normal range is exact), and W + sum is
+ * W + scale * sum of the unscaled path, rounded once as add_scaled_f32 would (up to the sign of a zero
+ * result). The scan of A and B costs one pass over the factors, next to the product's R passes. */
+static int prescaled_ok(const void *A, const void *B, relora_dtype dt, int64_t R, int64_t na, int64_t nb,
+                        float scale, float inv)
 {
     if (inv == 0.0f || fabsf(scale) > 1.0f) return 0;
-    double amin = INFINITY, bmin = INFINITY;
+    double amin = INFINITY, bmin = INFINITY, amax = 0.0, bmax = 0.0;
     for (int64_t i = 0; i < na; i++) {
         const double x = fabs((double)load_as_f32(A, dt, i));
         if (x != 0.0 && x < amin) amin = x;
+        if (x > amax) amax = x;
     }
     for (int64_t i = 0; i < nb; i++) {
         const double x = fabs((double)load_as_f32(B, dt, i));
         if (x != 0.0 && x < bmin) bmin = x;
+        if (x > bmax) bmax = x;
     }
-    return amin == INFINITY || bmin == INFINITY || amin * bmin * fabs((double)scale) >= (double)FLT_MIN;
+    if (amin == INFINITY || bmin == INFINITY) return 1; /* A or B all zeros: every product is zero */
+    const double s = fabs((double)scale);
+    return amin * s >= (double)FLT_MIN && amin * bmin * s >= (double)FLT_MIN &&
+           (double)R * amax * bmax <= (double)FLT_MAX;
 }
 
 #if MERGE_BF16_DP
@@ -729,7 +735,7 @@ relora_status lora_merge(void *W, relora_dtype wdtype, int64_t ldw,
     const int dp = MERGE_BF16_DP && adtype == RELORA_BF16; /* packs hold bf16 pairs (fit in the fp32 sizes) */
     const float inv = pow2_inverse(scale);
     const int pre = !MERGE_HAS_FMA && !dp && wdtype == RELORA_F32 &&
-                    prescaled_ok(A, B, adtype, R * I, O * R, scale, inv);
+                    prescaled_ok(A, B, adtype, R, R * I, O * R, scale, inv);
 
     /* per-thread packs: A panel (R, nc), B block (MC, R), SR words (MR, nc) */
     const size_t a_floats = (size_t)(R * nc), b_floats = (size_t)(MC * R * BB);

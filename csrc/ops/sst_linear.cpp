@@ -32,7 +32,6 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -260,18 +259,22 @@ void renormalize_layer_cpu(const at::Tensor& Ua, const at::Tensor& Va, const at:
     if (static_cast<acc_t>(sg[k]) < acc_t(0)) sg[k] = T(0);  // a NaN stays, as clamp_min leaves it
 }
 
+bool renormalize_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
 // For each layer i: unit-length columns of U_active[i] (out, r) and V_active[i] (in, r), their norms
 // moved into sigma[i] at active[i] (the function is unchanged), then sigma[i] >= 0. A column with a zero
-// norm is left as it is. Every layer is checked before any is changed. Contiguous CPU layers of one
-// floating dtype take the loop above (spread over torch's threads, a layer each); others, ATen ops (any
-// device). Both bump the tensors' versions, so a graph that saved them notices.
+// norm is left as it is. Every layer is checked before any is changed. Layers run one after the other
+// (a list may name one tensor twice); contiguous CPU layers take the loop above, others ATen ops (any
+// device) that compute the same: the division in the dtype's arithmetic type, Σ's product in double.
+// Both bump the tensors' versions, so a graph that saved them notices.
 void sst_renormalize_(at::TensorList U_active, at::TensorList V_active, at::TensorList sigma,
                       at::TensorList active) {
   const size_t n = U_active.size();
   TORCH_CHECK_VALUE(V_active.size() == n && sigma.size() == n && active.size() == n,
                     "sst_renormalize_: U_active, V_active, sigma and active must be lists of one length, got ",
                     n, ", ", V_active.size(), ", ", sigma.size(), ", ", active.size());
-  bool fast = true;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &Ua = U_active[i], &Va = V_active[i], &s = sigma[i], &S = active[i];
     TORCH_CHECK_VALUE(Ua.dim() == 2 && Va.dim() == 2 && s.dim() == 1 && S.dim() == 1 &&
@@ -281,38 +284,42 @@ void sst_renormalize_(at::TensorList U_active, at::TensorList V_active, at::Tens
                       ", ", S.sizes());
     TORCH_CHECK_TYPE(S.scalar_type() == at::kLong, "sst_renormalize_: layer ", i,
                      ": active must be int64, got ", S.scalar_type());
-    const bool on_cpu = Ua.is_cpu() && Va.is_cpu() && s.is_cpu() && S.is_cpu();
-    if (on_cpu && S.numel() > 0) {
-      const auto [lo, hi] = at::aminmax(S);
-      TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < s.size(0), "sst_renormalize_: layer ",
-                        i, ": active must index sigma's ", s.size(0), " entries, got values in [",
-                        lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+    TORCH_CHECK_TYPE(renormalize_dtype(Ua.scalar_type()) && renormalize_dtype(Va.scalar_type()) &&
+                         renormalize_dtype(s.scalar_type()),
+                     "sst_renormalize_: layer ", i, ": U_active, V_active and sigma must be float32, float64, "
+                     "bfloat16 or float16, got ", Ua.scalar_type(), ", ", Va.scalar_type(), ", ", s.scalar_type());
+    TORCH_CHECK_VALUE(Va.device() == Ua.device() && s.device() == Ua.device() && S.device() == Ua.device(),
+                      "sst_renormalize_: layer ", i, ": U_active, V_active, sigma and active must be on one "
+                      "device, got ", Ua.device(), ", ", Va.device(), ", ", s.device(), ", ", S.device());
+    if (Ua.is_cpu()) {  // (on a GPU this would cost a synchronisation every step)
+      const at::Tensor Sc = S.contiguous();
+      const int64_t* idx = Sc.data_ptr<int64_t>();
+      std::vector<char> seen(static_cast<size_t>(s.size(0)), 0);
+      for (int64_t j = 0; j < Sc.numel(); j++) {
+        TORCH_CHECK_INDEX(idx[j] >= 0 && idx[j] < s.size(0), "sst_renormalize_: layer ", i,
+                          ": active must index sigma's ", s.size(0), " entries, got ", idx[j]);
+        TORCH_CHECK_VALUE(!seen[idx[j]], "sst_renormalize_: layer ", i,
+                          ": active must not repeat a direction, got ", idx[j], " twice");
+        seen[idx[j]] = 1;
+      }
     }
-    fast = fast && on_cpu && Va.scalar_type() == Ua.scalar_type() && s.scalar_type() == Ua.scalar_type() &&
-           at::isFloatingType(Ua.scalar_type()) && Ua.is_contiguous() && Va.is_contiguous() &&
-           s.is_contiguous() && S.is_contiguous();
-  }
-  if (fast) {
-    at::parallel_for(0, static_cast<int64_t>(n), 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; i++)
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U_active[i].scalar_type(), "sst_renormalize_",
-                                        [&] { renormalize_layer_cpu<scalar_t>(U_active[i], V_active[i], sigma[i],
-                                                                              active[i]); });
-    });
-    for (size_t i = 0; i < n; ++i)
-      for (const at::Tensor* t : {&U_active[i], &V_active[i], &sigma[i]})
-        torch::autograd::impl::bump_version(*t);
-    return;
   }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &Ua = U_active[i], &Va = V_active[i], &s = sigma[i], &S = active[i];
+    if (Ua.is_cpu() && Va.scalar_type() == Ua.scalar_type() && s.scalar_type() == Ua.scalar_type() &&
+        Ua.is_contiguous() && Va.is_contiguous() && s.is_contiguous() && S.is_contiguous()) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, Ua.scalar_type(), "sst_renormalize_",
+                                      [&] { renormalize_layer_cpu<scalar_t>(Ua, Va, s, S); });
+      for (const at::Tensor* t : {&Ua, &Va, &s}) torch::autograd::impl::bump_version(*t);
+      continue;
+    }
     // Norms and their product in double: columns of large entries (1e20, a diverging run) would overflow
     // the sum of squares, and the product of two large norms, in fp32.
     const at::Tensor nu = at::linalg_vector_norm(Ua, 2, at::IntArrayRef{0}, false, at::kDouble);
     const at::Tensor nv = at::linalg_vector_norm(Va, 2, at::IntArrayRef{0}, false, at::kDouble);
     const at::Tensor ok = at::logical_and(nu > 0, nv > 0);
-    Ua.div_(at::where(ok, nu, 1).to(Ua.scalar_type()));
-    Va.div_(at::where(ok, nv, 1).to(Va.scalar_type()));
+    Ua.div_(at::where(ok, nu, 1).to(at::toOpMathType(Ua.scalar_type())));
+    Va.div_(at::where(ok, nv, 1).to(at::toOpMathType(Va.scalar_type())));
     s.index_copy_(0, S, (s.index_select(0, S).to(at::kDouble) * at::where(ok, nu * nv, 1)).to(s.scalar_type()));
     s.clamp_min_(0);
   }
