@@ -32,7 +32,7 @@ from relora_ext import _C, ops
 
 # torch held to a level's instructions, as on a CPU that has no more. MKL ignores MKL_ENABLE_INSTRUCTIONS
 # on AMD CPUs; MKL_CBWR=COMPATIBLE holds it to its SSE2 code on any x86 CPU (a 2048^3 fp32 mm: 2.3x
-# slower on a Zen 4; MKL_CBWR=AVX2 changed nothing there, so avx2 and up need no such hold).
+# slower on a Zen 5; MKL_CBWR=AVX2 or SSE4_2 changed nothing there, so avx2 and up need no such hold).
 TORCH_CAPS = {
     "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
                 "MKL_CBWR": "COMPATIBLE"},
@@ -385,7 +385,7 @@ def main():
              "measurements: `kernel` (our fused product + one-rounding epilogue) for every dtype and rank "
              "from avx2 up, and at the `default` level (SSE2 mul + add, no FMA) wherever torch's BLAS has no wider vectors than ours, as here with MKL "
              "held to SSE2; `blas` (torch's BLAS product on 256×256 tiles + our one-rounding epilogue) at "
-             "the `default` level for r ≥ 32 on a CPU with AVX whose MKL is not held (MKL_CBWR), where "
+             "the `default` level for r ≥ 32 on a CPU with AVX whose MKL is not held (`MKL_CBWR=COMPATIBLE`), where "
              "torch's BLAS outruns our SSE2 product (about 2x on this CPU with MKL unheld: `addmm_` 41 ms against our kernel's 81 ms at 4096², r = 256). At levels "
              "without FMA (`default`), an fp32 W with a power-of-two scale of magnitude ≤ 1 (alpha/r, both powers of "
              "two; every case here, s = 1/r) has A packed already scaled (exact while every product stays a normal "
