@@ -117,7 +117,9 @@ def train_one(method: str, lr: float, seed: int, args, *, record: bool = False, 
             s = tracker.spectra()["0"]
             curve.append((step, population_loss(w_eff(), teacher, args.noise)))
             ranks.append((step, effective_rank(s), effective_rank(s, method="threshold", rtol=args.rtol)))
-        if record and method in ("relora", "sst") and step > 0 and step % period == 0:
+        # the spectrum after a cycle / iteration: about 20 of them a run (every one at long periods)
+        if (record and method in ("relora", "sst") and step > 0 and step % period == 0
+                and (step // period) % max(1, args.steps // period // 20) == 0):
             snapshots[step // period] = tracker.spectra()["0"].tolist()
         if step == args.steps:
             break
