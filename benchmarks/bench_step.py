@@ -34,15 +34,14 @@ import statistics
 import sys
 import time
 
-# OpenMP's default wait policy, as users run: PASSIVE (once set here) puts every worker to sleep between
-# parallel regions, which costs a step of many small ops (SST's) the more (SST / ReLoRA* 1.15 against
-# 1.06 with the default, Zen 5), and relora_ext no longer needs it (README, one OpenMP runtime).
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+# No OMP_WAIT_POLICY here: the default policy is what users run, and PASSIVE (workers asleep between
+# parallel regions) taxes a step of many small ops, SST's, the more (README: one OpenMP runtime).
+import torch
+import torch.nn.functional as F
 
-from _report import context, table, write_section  # noqa: E402
-import relora_ext  # noqa: E402
-from relora_ext.tiny_llama import TinyLlama, TinyLlamaConfig  # noqa: E402
+from _report import context, table, write_section
+import relora_ext
+from relora_ext.tiny_llama import TinyLlama, TinyLlamaConfig
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRESETS = {
