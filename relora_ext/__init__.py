@@ -38,7 +38,7 @@ from . import ops
 from .analysis import TrainingStats, UpdateTracker, effective_rank, optimizer_state_bytes, update_spectrum
 from .checkpoint import (atomic_save, load_adapters, load_checkpoint, load_sharded, save_adapters, save_checkpoint,
                          save_sharded)
-from .cycle import CycleRefused
+from ._checks import CycleRefused
 from .lora import LoRALinear, ReLoRAConfig, lora_layers, print_trainable_parameters, unwrap, wrap
 from .optim import ReLoRAOptimizer
 from .schedule import JaggedCosineLR

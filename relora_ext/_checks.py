@@ -21,6 +21,11 @@ U64 = 1 << 64
 F32_MAX = torch.finfo(torch.float32).max
 
 
+class CycleRefused(ValueError):
+    """A cycle (or a layer's merge and reset, an unwrap, a checkpoint load) refused before changing
+    anything; the message says why. Defined here, at the bottom of the package, so every module can raise it."""
+
+
 # -- plain values -----------------------------------------------------------------------------------
 
 

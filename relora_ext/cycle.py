@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import ops
-from ._checks import F32_MAX, FLOAT_DTYPES, check_bool, check_choice, check_float, check_int, check_u64
+from ._checks import F32_MAX, CycleRefused, FLOAT_DTYPES, check_bool, check_choice, check_float, check_int, check_u64
 
 __all__ = [
     "CycleSettings", "CycleRefused", "CycleResult", "run_cycle", "merge_and_reset_layer_", "check_layer", "cycled_layers",
@@ -40,10 +40,6 @@ ROUNDINGS = ("nearest", "stochastic")
 MAX_STATE_TENSORS = 16
 _STREAM_PRUNE = 1 << 62
 _STREAM_ROUNDING = 1 << 63  # stochastic-rounding keys differ from the reset keys (= seed) in bit 63
-
-
-class CycleRefused(ValueError):
-    """A cycle (or a layer's merge and reset) refused before changing anything; the message says why."""
 
 
 # -- settings and random streams ------------------------------------------------------------------------
