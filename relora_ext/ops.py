@@ -29,25 +29,10 @@ def _random_seed() -> int:
 # the operators
 
 
-def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *,
-           rounding: str = "nearest", seed: int | None = None) -> None:
-    """Merge a LoRA pair into its weight, in place: ``W += scale * B @ A``.
-
-    Shapes: ``W (out, in)``, ``A (r, in)``, ``B (out, r)``, ``r >= 1``. ``W`` is float32, bfloat16
-    or float16; ``A`` and ``B`` share one of those dtypes. Each ``W[i, j]`` gets
-    ``scale * sum_k B[i, k] A[k, j]`` accumulated in float32 and is rounded into ``W``'s dtype once,
-    to nearest-even (``rounding="nearest"``) or stochastically (``rounding="stochastic"``, unbiased;
-    random bits from ``seed``, drawn from torch's generator when ``None``). If ``A`` or ``B`` holds
-    NaN or Inf a ``ValueError`` is raised and ``W`` is left unchanged. ``W`` may have padded rows
-    or be a transpose; no temporary the size of ``W`` is made on CPU.
-
-    Example::
-
-        >>> W = torch.zeros(4, 3); A = torch.ones(2, 3); B = torch.ones(4, 2)
-        >>> merge_(W, A, B, 0.5); W[0]
-        tensor([1., 1., 1.])
-    """
-    fn = "merge_"
+def check_merge(fn: str, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float):
+    """The rules of :func:`merge_`, checked without writing anything (raises ``TypeError``/``ValueError``
+    naming ``fn``). Returns ``(scale, W, A, B)`` as the kernel takes them: a transposed ``W`` becomes
+    ``W.T += scale * A.T @ B.T``. The finiteness of ``A`` and ``B`` is checked by the kernel itself."""
     check_tensor(fn, "W", W, 2)
     check_tensor(fn, "A", A, 2)
     check_tensor(fn, "B", B, 2)
@@ -66,16 +51,54 @@ def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *,
     check_disjoint(fn, "W", W, "A", A)
     check_disjoint(fn, "W", W, "B", B)
     scale = check_float(fn, "scale", scale, lo=-F32_MAX, hi=F32_MAX)
-    check_choice(fn, "rounding", rounding, ("nearest", "stochastic"))
-    seed = as_i64(check_u64(fn, "seed", _random_seed() if seed is None else seed))
     if W.stride(-1) != 1 and W.stride(0) == 1 and out > 1:
         # A transposed W (in, out) in memory: merge W.T += scale * A.T @ B.T instead.
         W, A, B = W.t(), B.t(), A.t()
     elif W.stride(-1) != 1 and in_ > 1:
         raise ValueError(
             f"{fn}: W must have unit stride along one dimension, got strides {W.stride()}")
+    return scale, W, A, B
+
+
+def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *,
+           rounding: str = "nearest", seed: int | None = None) -> None:
+    """Merge a LoRA pair into its weight, in place: ``W += scale * B @ A``.
+
+    Shapes: ``W (out, in)``, ``A (r, in)``, ``B (out, r)``, ``r >= 1``. ``W`` is float32, bfloat16
+    or float16; ``A`` and ``B`` share one of those dtypes. Each ``W[i, j]`` gets
+    ``scale * sum_k B[i, k] A[k, j]`` accumulated in float32 and is rounded into ``W``'s dtype once,
+    to nearest-even (``rounding="nearest"``) or stochastically (``rounding="stochastic"``, unbiased;
+    random bits from ``seed``, drawn from torch's generator when ``None``). If ``A`` or ``B`` holds
+    NaN or Inf a ``ValueError`` is raised and ``W`` is left unchanged. ``W`` may have padded rows
+    or be a transpose; no temporary the size of ``W`` is made on CPU.
+
+    Example::
+
+        >>> W = torch.zeros(4, 3); A = torch.ones(2, 3); B = torch.ones(4, 2)
+        >>> merge_(W, A, B, 0.5); W[0]
+        tensor([1., 1., 1.])
+    """
+    scale, W, A, B = check_merge("merge_", W, A, B, scale)
+    check_choice("merge_", "rounding", rounding, ("nearest", "stochastic"))
+    seed = as_i64(check_u64("merge_", "seed", _random_seed() if seed is None else seed))
     with torch.no_grad():
         torch.ops.relora.merge_(W, A, B, scale, rounding, seed)
+
+
+def check_reset(fn: str, A: torch.Tensor, B: torch.Tensor, std: float) -> float:
+    """The rules of :func:`reset_`, checked without writing anything; returns ``std`` as a float."""
+    check_tensor(fn, "A", A)
+    check_tensor(fn, "B", B)
+    if A.dtype != B.dtype:
+        raise TypeError(f"{fn}: A and B must share a dtype, got A {A.dtype} and B {B.dtype}")
+    check_same_device(fn, A=A, B=B)
+    for name, t in (("A", A), ("B", B)):
+        check_contiguous(fn, name, t)
+        check_writable(fn, name, t)
+    check_disjoint(fn, "A", A, "B", B)
+    # the normals are bounded by sqrt(2·24·ln 2) < 6 (uniforms >= 2⁻²⁴): below this std A stays finite
+    std = check_float(fn, "std", std, lo=0.0, hi=torch.finfo(A.dtype).max / 6)
+    return std
 
 
 def reset_(A: torch.Tensor, B: torch.Tensor, *, std: float, seed: int, offset: int = 0) -> None:
@@ -93,17 +116,7 @@ def reset_(A: torch.Tensor, B: torch.Tensor, *, std: float, seed: int, offset: i
         True
     """
     fn = "reset_"
-    check_tensor(fn, "A", A)
-    check_tensor(fn, "B", B)
-    if A.dtype != B.dtype:
-        raise TypeError(f"{fn}: A and B must share a dtype, got A {A.dtype} and B {B.dtype}")
-    check_same_device(fn, A=A, B=B)
-    for name, t in (("A", A), ("B", B)):
-        check_contiguous(fn, name, t)
-        check_writable(fn, name, t)
-    check_disjoint(fn, "A", A, "B", B)
-    # the normals are bounded by sqrt(2·24·ln 2) < 6 (uniforms >= 2⁻²⁴): below this std A stays finite
-    std = check_float(fn, "std", std, lo=0.0, hi=torch.finfo(A.dtype).max / 6)
+    std = check_reset(fn, A, B, std)
     seed, offset = as_i64(check_u64(fn, "seed", seed)), as_i64(check_u64(fn, "offset", offset))
     with torch.no_grad():
         torch.ops.relora.reset_(A, B, std, seed, offset)
