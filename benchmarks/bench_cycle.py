@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from _report import context, table, write_section  # noqa: E402
 from relora_ext.demo import byte_tokens, lm_batch, build_parser, load_austen  # noqa: E402
-from relora_ext.lora import lora_layers, wrap  # noqa: E402
+from relora_ext.model import lora_layers, wrap  # noqa: E402
 from relora_ext.optim import ReLoRAOptimizer  # noqa: E402
 from relora_ext.schedule import JaggedCosineLR  # noqa: E402
 from relora_ext.tiny_llama import TinyLlama, TinyLlamaConfig  # noqa: E402

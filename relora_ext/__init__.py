@@ -2,8 +2,9 @@
 
 Importing the package loads ``relora_ext._C``, which registers the ``torch.ops.relora`` operators;
 ``relora_ext.ops`` wraps them with argument checks. The training API builds on those ops:
-``LoRALinear``/``wrap``/``unwrap`` (lora.py), ``ReLoRAOptimizer`` (optim.py), the cycle it runs, all or
-nothing (cycle.py), ``JaggedCosineLR`` (schedule.py), checkpoints, one file or sharded (checkpoint.py),
+the layers (``LoRALinear`` in lora.py, ``SSTLinear`` in sst.py, on the bases of adapter.py), the model
+surgery (``ReLoRAConfig``/``wrap``/``unwrap`` in model.py), ``ReLoRAOptimizer`` (optim.py), the cycle it runs,
+all or nothing (cycle.py), ``JaggedCosineLR`` (schedule.py), checkpoints, one file or sharded (checkpoint.py),
 and the update-spectrum / training-stats helpers (analysis.py). Argument checks live in _checks.py;
 multi-process support (DDP consistency checks, FSDP2 shard-wise merge and prune) in distributed.py.
 """
@@ -39,7 +40,8 @@ from .analysis import TrainingStats, UpdateTracker, effective_rank, optimizer_st
 from .checkpoint import (atomic_save, load_adapters, load_checkpoint, load_sharded, save_adapters, save_checkpoint,
                          save_sharded)
 from ._checks import CycleRefused
-from .lora import LoRALinear, ReLoRAConfig, lora_layers, print_trainable_parameters, unwrap, wrap
+from .lora import LoRALinear
+from .model import ReLoRAConfig, lora_layers, print_trainable_parameters, unwrap, wrap
 from .optim import ReLoRAOptimizer
 from .schedule import JaggedCosineLR
 from .sst import SSTLinear

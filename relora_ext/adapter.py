@@ -32,6 +32,8 @@ class CycledLayer(nn.Module):
 
     #: the parameters whose optimizer state a cycle prunes (ReLoRA*) or clears (SST)
     cycled: Tuple[str, ...] = ()
+    #: the parameters the wrapped optimizer must hold
+    trained: Tuple[str, ...] = ()
 
     def check(self) -> Optional[str]:
         """Why this layer's part of a cycle would be refused, or ``None``; checks only, writes nothing."""
@@ -56,7 +58,10 @@ class LowRankAdapter(CycledLayer):
     (validated on every assignment), and implement :meth:`merge_operands` and :meth:`reset_operands`.
     """
 
-    cycled = ("lora_A", "lora_B")
+    cycled = trained = ("lora_A", "lora_B")
+    #: what the merge's and the reset's operands are called in messages (see the operand methods)
+    merge_names = ("weight", "lora_A", "lora_B", "scaling")
+    reset_names = ("lora_A", "lora_B", "init_std")
     r: int
 
     # -- the settings: one source each, checked when set ----------------------------------------------
@@ -115,12 +120,12 @@ class LowRankAdapter(CycledLayer):
                             "(convert the model, e.g. model.float())")
                 if t.device.type == "meta":
                     return f"{name} is on the meta device (no data to merge); materialise the model first"
-            with torch.no_grad():
+            with torch.no_grad():  # the factors require grad; the cycle writes them under no_grad
                 if W is not None:
-                    ops.check_merge("merge", W, A, B, self.scaling)
-                ops.check_reset("reset", drawn, zeroed, self.init_std)
+                    ops.check_merge("the merge", W, A, B, self.scaling, self.merge_names)
+                ops.check_reset("the reset", drawn, zeroed, self.init_std, self.reset_names)
         except (TypeError, ValueError) as e:
-            return str(e).replace("merge: ", "the merge: ").replace("reset: ", "the reset: ")
+            return str(e)
         for name, t in (("lora_A", self.lora_A), ("lora_B", self.lora_B)):
             if not bool(torch.isfinite(t).all()):
                 return (f"{name} holds non-finite values (NaN/Inf). Lower the learning rate or use "

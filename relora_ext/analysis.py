@@ -25,7 +25,9 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from .lora import LoRALinear, lora_layers
+from .cycle import cycled_layers
+from .lora import LoRALinear
+from .model import lora_layers
 
 __all__ = ["effective_rank", "update_spectrum", "UpdateTracker", "TrainingStats", "optimizer_state_bytes"]
 
@@ -134,8 +136,6 @@ class UpdateTracker:
     def __init__(self, model: Optional[nn.Module] = None, *, layers: Optional[Iterable[Tuple[str, nn.Module]]] = None):
         if (model is None) == (layers is None):
             raise ValueError("UpdateTracker: pass exactly one of model (tracks its LoRALinear layers) or layers")
-        from .cycle import cycled_layers
-
         pairs = list(cycled_layers(model)) if model is not None else list(layers)
         if not pairs:
             raise ValueError(

@@ -35,9 +35,14 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
+from .cycle import cycled_layers
+from .model import lora_layers
+from .optim import COUNTERS, check_optimizer_state
+from .sst import SSTLinear
+
 __all__ = [
     "atomic_save", "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "get_rng_state",
-    "set_rng_state", "adapter_settings", "check_optimizer_state", "save_adapters", "load_adapters",
+    "set_rng_state", "adapter_settings", "save_adapters", "load_adapters",
 ]
 
 FORMAT = "relora_ext.checkpoint/2"
@@ -257,9 +262,6 @@ def adapter_settings(model: torch.nn.Module) -> Dict[str, Dict[str, Any]]:
     Saved in every checkpoint and compared on load: the same weights under another ``alpha`` compute
     another function. Example: ``adapter_settings(model)["0"]["alpha"]``.
     """
-    from .cycle import cycled_layers
-    from .sst import SSTLinear
-
     out = {}
     for name, layer in cycled_layers(model):
         common = {"r": layer.r, "in_features": layer.in_features, "out_features": layer.out_features}
@@ -297,37 +299,6 @@ def _check_adapters(model: torch.nn.Module, saved: Dict[str, Any], where: str) -
             if current[name].get(k) != v:
                 raise ValueError(f"{where}: layer {name!r} was saved with {k}={v!r} but the model has "
                                  f"{k}={current[name].get(k)!r}; wrap the model with the saved settings")
-
-
-def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, where: str) -> None:
-    """Raise :class:`ValueError` if ``optimizer.load_state_dict(state_dict)`` would fail or load state that
-    does not fit: another optimizer's hyper-parameter keys, other group sizes, state shaped unlike its
-    parameter. Changes nothing. (A :class:`~relora_ext.optim.ReLoRAOptimizer` checks its settings too.)"""
-    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-        raise ValueError(f"{where}: expected an optimizer state dict with 'state' and 'param_groups', got "
-                         f"{type(state_dict).__name__}")
-    groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
-    if len(groups) != len(saved_groups):
-        raise ValueError(f"{where}: the optimizer state has {len(saved_groups)} parameter groups, the optimizer "
-                         f"has {len(groups)}")
-    params = {}
-    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
-        if len(g["params"]) != len(sg["params"]):
-            raise ValueError(f"{where}: parameter group {i} holds {len(sg['params'])} parameters in the state but "
-                             f"{len(g['params'])} in the optimizer")
-        missing = sorted(set(g) - set(sg) - {"params"})
-        if missing:
-            raise ValueError(f"{where}: parameter group {i} of the state lacks {missing}: it was saved from another "
-                             f"optimizer type than {type(optimizer).__name__}")
-        params.update(zip(sg["params"], g["params"]))
-    for pid, st in state_dict["state"].items():
-        p = params.get(pid)
-        if p is None:
-            raise ValueError(f"{where}: the optimizer state holds parameter id {pid!r}, which no group lists")
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
-                raise ValueError(f"{where}: optimizer state {k!r} of parameter {pid} has shape {tuple(v.shape)} "
-                                 f"but the parameter has shape {tuple(p.shape)}")
 
 
 def _check_optimizer(optimizer, state_dict, saved_type: Optional[str], where: str) -> None:
@@ -466,8 +437,6 @@ def save_adapters(model: torch.nn.Module, path: PathLike) -> None:
     """
     from safetensors.torch import save_file
 
-    from .lora import lora_layers
-
     tensors = {}
     for name, layer in lora_layers(model):
         for pname in ("lora_A", "lora_B"):
@@ -486,7 +455,6 @@ def load_adapters(model: torch.nn.Module, path: PathLike) -> None:
     Example: ``load_adapters(model, "runs/adapters.safetensors")``."""
     from safetensors import safe_open
 
-    from .lora import lora_layers
 
     where = "load_adapters"
     path = os.fspath(path)
@@ -607,6 +575,4 @@ def _split_optimizer(optimizer):
     settings = getattr(optimizer, "settings", None)
     if settings is None:
         return optimizer, None
-    from .optim import COUNTERS
-
     return optimizer.optimizer, {**settings.to_dict(), **{k: getattr(optimizer, k) for k in COUNTERS}}

@@ -1,21 +1,20 @@
 """The ReLoRA* cycle, all or nothing: merge, reset and prune every adapted layer.
 
 Every ``reset_every`` optimizer steps, :class:`~relora_ext.optim.ReLoRAOptimizer` calls :func:`run_cycle`,
-which for every :class:`~relora_ext.lora.LoRALinear` ``ℓ = 0, 1, ...`` (in ``named_modules`` order), at
-cycle ``c``:
+which for every adapted layer ``ℓ = 0, 1, ...`` (:func:`cycled_layers`, in ``named_modules`` order), at cycle ``c``:
 
 1. merges ``W ← W + s · B · A`` (fp32 accumulation, one rounding into ``W``'s dtype);
 2. resets ``B ← 0``, ``A ← init_std · N(0, 1)`` from the Philox stream ``seed`` at :func:`reset_offset`;
 3. prunes the optimizer state of ``A`` and ``B`` (:func:`prune_offset` for the random mode), then applies
    the first-moment guard.
 
-A cycle is a transaction. It is planned and checked in full before anything is written: every layer's
-``W``, ``A``, ``B`` (dtype, device, layout, finiteness) and every state tensor it will prune (dtype,
-device, layout, at most 16 per layer). A refused cycle raises :class:`CycleRefused` and leaves weights,
+A cycle is a transaction. It is planned and checked in full before anything is written: every layer
+checks itself (:meth:`~relora_ext.adapter.CycledLayer.check`: the rules of the merge and the reset on its
+tensors) and every state tensor it will prune is checked (dtype, device, layout, at most 16 per layer). A refused cycle raises :class:`CycleRefused` and leaves weights,
 adapters, optimizer state and counters bit-identical; under ``torch.distributed`` the ranks vote first,
 so they refuse together. The work itself goes through a backend chosen once per layer:
-:class:`LocalLayer` (plain tensors: one process, DDP) or :class:`ShardedLayer` (FSDP2 DTensors, see
-:mod:`relora_ext.distributed`).
+:class:`LocalLayer` (plain tensors: one process, DDP), :class:`ShardedLayer` (FSDP2 DTensors, see
+:mod:`relora_ext.distributed`) or :class:`SSTLayer` (an SST iteration instead of merge and reset).
 """
 
 from __future__ import annotations
@@ -25,17 +24,20 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 from . import ops
-from ._checks import F32_MAX, CycleRefused, FLOAT_DTYPES, check_bool, check_choice, check_float, check_int, check_u64
+from ._checks import F32_MAX, FLOAT_DTYPES, CycleRefused, check_bool, check_choice, check_float, check_int, check_u64
+from .adapter import ROUNDINGS, CycledLayer
+from .distributed import _shard_layout, is_dtensor, merge_and_reset_sharded_, prune_sharded_
+from .sst import SSTLinear, sample_offset
 
 __all__ = [
-    "CycleSettings", "CycleRefused", "CycleResult", "run_cycle", "merge_and_reset_layer_", "check_layer", "cycled_layers",
-    "reset_offset", "prune_offset", "MAX_STATE_TENSORS",
+    "CycleSettings", "CycleRefused", "CycleResult", "run_cycle", "cycled_layers", "reset_offset", "prune_offset",
+    "MAX_STATE_TENSORS",
 ]
 
 PRUNE_MODES = ("magnitude", "random", "reset")
-ROUNDINGS = ("nearest", "stochastic")
 #: State tensors pruned per layer that :func:`prune_offset` can address.
 MAX_STATE_TENSORS = 16
 _STREAM_PRUNE = 1 << 62
@@ -113,24 +115,10 @@ def merge_seed(settings: CycleSettings, offset: int) -> Optional[int]:
 # -- backends: where a layer's tensors live -------------------------------------------------------------
 
 
-def _is_dtensor(t) -> bool:
-    from .distributed import is_dtensor
-
-    return is_dtensor(t)
-
-
 class LocalLayer:
     """A layer whose parameters and optimizer state are plain tensors (one process, or DDP replicas)."""
 
     sharded = False
-    cycled = ("lora_A", "lora_B")  # the parameters whose optimizer state a cycle prunes
-    trained = cycled  # the parameters the wrapped optimizer must hold
-    floating = ("weight", "lora_A", "lora_B")  # the tensors the kernels take: float32, bfloat16 or float16
-
-    @staticmethod
-    def tensors(layer) -> Dict[str, torch.Tensor]:
-        """What a cycle writes: checked before it runs."""
-        return {"weight": layer.weight, "lora_A": layer.lora_A, "lora_B": layer.lora_B}
 
     @staticmethod
     def local(t: torch.Tensor) -> torch.Tensor:
@@ -138,9 +126,7 @@ class LocalLayer:
 
     @staticmethod
     def merge_and_reset(layer, *, seed: int, offset: int, rounding: str, merge_seed: Optional[int]) -> None:
-        ops.merge_(layer.weight, layer.lora_A, layer.lora_B, layer.scaling, rounding=rounding,
-                   seed=0 if merge_seed is None else merge_seed)
-        ops.reset_(layer.lora_A, layer.lora_B, std=layer.init_std, seed=seed, offset=offset)
+        layer.merge_and_reset_unchecked_(seed=seed, offset=offset, rounding=rounding, merge_seed=merge_seed)
         return None
 
     @staticmethod
@@ -154,9 +140,15 @@ class LocalLayer:
         return None
 
     @classmethod
+    def check_layer(cls, layer) -> Optional[str]:
+        if any(is_dtensor(getattr(layer, n)) for n in layer.cycled):
+            return "its parameters became DTensors after the optimizer was built (build it after fully_shard)"
+        return layer.check()
+
+    @classmethod
     def check(cls, plan) -> Optional[str]:
         """Why this layer's part of the cycle would be refused (``None`` if it would not); checks only."""
-        return check_layer(plan.name, plan.layer, cls) or _check_state(plan)
+        return cls.check_layer(plan.layer) or _check_state(plan)
 
     @classmethod
     def run(cls, plan, settings: CycleSettings, cycle: int, state, guard_counts: Dict[int, Any]):
@@ -170,7 +162,7 @@ class LocalLayer:
             kept += int(cls.prune(t, settings, prune_offset(plan.index, j, cycle)))
             total += t.numel()
         if settings.prune_guard and settings.prune != "reset":
-            for p in (plan.layer.lora_A, plan.layer.lora_B):
+            for p in (getattr(plan.layer, n) for n in plan.layer.cycled):
                 st = state.get(p)
                 if not st:
                     continue
@@ -185,46 +177,54 @@ class LocalLayer:
 
 
 class ShardedLayer(LocalLayer):
-    """A layer whose parameters are FSDP2 DTensors: rows merged per shard, state pruned with global rules."""
+    """A :class:`~relora_ext.lora.LoRALinear` whose parameters are FSDP2 DTensors: rows merged per shard,
+    state pruned with global rules."""
 
     sharded = True
 
     @staticmethod
     def local(t):
-        return t.to_local() if _is_dtensor(t) else t
+        return t.to_local() if is_dtensor(t) else t
 
     @staticmethod
     def merge_and_reset(layer, *, seed: int, offset: int, rounding: str, merge_seed: Optional[int]):
-        from .distributed import merge_and_reset_sharded_
-
         return merge_and_reset_sharded_(layer, seed=seed, offset=offset, rounding=rounding, merge_seed=merge_seed)
 
     @staticmethod
     def prune(t, settings: CycleSettings, offset: int) -> int:
-        from .distributed import prune_sharded_
-
         return prune_sharded_(t, settings.prune_ratio, mode=settings.prune, seed=settings.seed, offset=offset)
 
     @staticmethod
     def guard_group(t):
-        from .distributed import _shard_layout
+        return _shard_layout(t, "the optimizer state")[1] if is_dtensor(t) else None
 
-        return _shard_layout(t, "the optimizer state")[1] if _is_dtensor(t) else None
-
-
-class QuantizedLayer(LocalLayer):
-    """A :class:`~relora_ext.quantized.QuantizedLoRALinear`: merged by dequantize, add, requantize."""
-
-    floating = ("lora_A", "lora_B")
-
-    @staticmethod
-    def tensors(layer) -> Dict[str, torch.Tensor]:
-        return {"lora_A": layer.lora_A, "lora_B": layer.lora_B}  # W is rewritten whole, from float32
-
-    @staticmethod
-    def merge_and_reset(layer, *, seed: int, offset: int, rounding: str, merge_seed: Optional[int]) -> None:
-        layer.merge_()
-        ops.reset_(layer.lora_A, layer.lora_B, std=layer.init_std, seed=seed, offset=offset)
+    @classmethod
+    def check_layer(cls, layer) -> Optional[str]:
+        """The layer's rules on its global shapes and on this rank's shards (a DTensor has no storage to
+        compare, so the shard-wise merge checks what it needs itself)."""
+        W, A, B = layer.weight, layer.lora_A, layer.lora_B
+        if tuple(A.shape) != (layer.r, W.shape[1]) or tuple(B.shape) != (W.shape[0], layer.r):
+            return (f"expected weight (out, in), lora_A (r, in), lora_B (out, r) with r = {layer.r}; got "
+                    f"weight {tuple(W.shape)}, lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
+        local = {"weight": cls.local(W), "lora_A": cls.local(A), "lora_B": cls.local(B)}
+        for k, t in local.items():
+            if t.dtype not in FLOAT_DTYPES:
+                return (f"{k} is {t.dtype}; the ReLoRA* cycle merges float32, bfloat16 or float16 weights only "
+                        "(convert the model, e.g. model.float())")
+        if local["lora_A"].dtype != local["lora_B"].dtype:
+            return f"lora_A is {local['lora_A'].dtype} but lora_B is {local['lora_B'].dtype}; they must share a dtype"
+        if len({t.device for t in local.values()}) > 1:
+            return "weight, lora_A and lora_B are on different devices: " + ", ".join(
+                f"{k} on {t.device}" for k, t in local.items())
+        for k in ("lora_A", "lora_B"):
+            if not local[k].is_contiguous():
+                return f"{k} is not contiguous (shape {tuple(local[k].shape)}, strides {local[k].stride()})"
+            if not bool(torch.isfinite(local[k]).all()):
+                return (f"{k} holds non-finite values (NaN/Inf). Lower the learning rate or use "
+                        "torch.amp.GradScaler / gradient clipping")
+        Wl = local["weight"]
+        if Wl.dim() == 2 and Wl.numel() > 0 and 1 not in Wl.stride():
+            return f"weight has no unit stride (strides {Wl.stride()})"
         return None
 
 
@@ -233,8 +233,6 @@ class SSTLayer:
     clear the state of the active columns) instead of merge and reset."""
 
     sharded = False
-    cycled = ("U_active", "V_active")
-    trained = floating = ("sigma", "U_active", "V_active")
     local = staticmethod(LocalLayer.local)
 
     @staticmethod
@@ -244,8 +242,6 @@ class SSTLayer:
     @staticmethod
     def run(plan, settings: CycleSettings, cycle: int, state, guard_counts: Dict[int, Any]):
         """Re-SVD at a round's end, resample and swap in, clear the new columns' state; ``(0, cleared, None)``."""
-        from .sst import sample_offset
-
         layer = plan.layer
         if (cycle + 1) % layer.rounds_every == 0:  # a round is over: restore orthogonality
             layer.resvd_()
@@ -259,24 +255,16 @@ class SSTLayer:
 
 def cycled_layers(model) -> List[Tuple[str, Any]]:
     """The ``(name, layer)`` pairs a cycle works on, in ``named_modules`` order (the layer index ``ℓ``):
-    every :class:`~relora_ext.lora.LoRALinear` and :class:`~relora_ext.sst.SSTLinear`."""
-    from .lora import LoRALinear
-    from .sst import SSTLinear
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, SSTLinear))]
+    every :class:`~relora_ext.adapter.CycledLayer` (LoRALinear, its quantized kind, SSTLinear)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CycledLayer)]
 
 
 def backend_for(layer):
-    """The backend of ``layer``: :class:`SSTLayer`, :class:`QuantizedLayer` for a quantized base,
-    :class:`ShardedLayer` if any of its parameters is a DTensor, else :class:`LocalLayer`."""
-    from .quantized import QuantizedLoRALinear
-    from .sst import SSTLinear
-
+    """The backend of ``layer``: :class:`SSTLayer`, :class:`ShardedLayer` if any of its parameters is a
+    DTensor, else :class:`LocalLayer`."""
     if isinstance(layer, SSTLinear):
         return SSTLayer
-    if isinstance(layer, QuantizedLoRALinear):
-        return QuantizedLayer
-    sharded = any(_is_dtensor(p) for p in (layer.weight, layer.lora_A, layer.lora_B))
+    sharded = any(is_dtensor(getattr(layer, n)) for n in layer.cycled)
     return ShardedLayer if sharded else LocalLayer
 
 
@@ -305,49 +293,6 @@ def _state_tensors(param, state) -> List[Tuple[str, torch.Tensor]]:
     return out
 
 
-def check_layer(name: str, layer, backend=None) -> Optional[str]:
-    """Why the merge and reset of ``layer`` would be refused (``None`` if it would not), checking only.
-
-    The rules of :func:`relora_ext.ops.merge_` and :func:`relora_ext.ops.reset_`: float32/bfloat16/float16
-    tensors, ``A`` and ``B`` of one dtype, everything on one real device, ``A`` and ``B`` contiguous, ``W``
-    with a unit stride, ``A`` and ``B`` finite. Example: ``check_layer("fc", layer) is None``.
-    """
-    backend = backend or backend_for(layer)
-    tensors = backend.tensors(layer)
-    if backend is LocalLayer and any(_is_dtensor(t) for t in tensors.values()):
-        return "its parameters became DTensors after the optimizer was built (build it after fully_shard)"
-    local = {k: backend.local(t) for k, t in tensors.items()}
-    for k, t in local.items():
-        if t.dtype not in FLOAT_DTYPES:
-            return (f"{k} is {t.dtype}; the ReLoRA* cycle merges float32, bfloat16 or float16 weights only "
-                    "(convert the model, e.g. model.float())")
-    if local["lora_A"].dtype != local["lora_B"].dtype:
-        return f"lora_A is {local['lora_A'].dtype} but lora_B is {local['lora_B'].dtype}; they must share a dtype"
-    devices = {t.device for t in local.values()}
-    if len(devices) > 1:
-        return "weight, lora_A and lora_B are on different devices: " + ", ".join(
-            f"{k} on {t.device}" for k, t in local.items())
-    if local["lora_A"].device.type == "meta":
-        return "its tensors are on the meta device (no data to merge); materialise the model first"
-    for k in ("lora_A", "lora_B"):
-        if not local[k].is_contiguous():
-            return f"{k} is not contiguous (shape {tuple(local[k].shape)}, strides {local[k].stride()})"
-    W = local.get("weight", local["lora_A"])
-    if W.dim() == 2 and W.numel() > 0 and 1 not in W.stride():
-        return f"weight has no unit stride (strides {W.stride()})"
-    for k in ("lora_A", "lora_B"):
-        if not bool(torch.isfinite(local[k]).all()):
-            return (f"{k} holds non-finite values (NaN/Inf). Lower the learning rate or use "
-                    "torch.amp.GradScaler / gradient clipping")
-    # the kernels take scaling and init_std as float32, and a reset draws |A| < 6·init_std in A's dtype
-    bounds = {"scaling": F32_MAX, "init_std": min(F32_MAX, torch.finfo(local["lora_A"].dtype).max / 6)}
-    for k, hi in bounds.items():
-        v = getattr(layer, k, None)
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= hi):
-            return f"{k} must be a finite number in [0, {hi:.4g}], got {v!r}"
-    return None
-
-
 def _check_state(plan: _LayerPlan) -> Optional[str]:
     if len(plan.states) > MAX_STATE_TENSORS:
         return (f"its parameters have {len(plan.states)} optimizer-state tensors to prune; at most "
@@ -367,7 +312,7 @@ def _check_state(plan: _LayerPlan) -> Optional[str]:
 def _plan(layers: Sequence[Tuple[str, Any]], backends: Sequence[Any], state) -> List[_LayerPlan]:
     plans = []
     for li, ((name, layer), backend) in enumerate(zip(layers, backends)):
-        states = [(pname, key, t) for pname in backend.cycled
+        states = [(pname, key, t) for pname in layer.cycled
                   for key, t in _state_tensors(getattr(layer, pname), state)]
         plans.append(_LayerPlan(li, name, layer, backend, states))
     return plans
@@ -376,13 +321,11 @@ def _plan(layers: Sequence[Tuple[str, Any]], backends: Sequence[Any], state) -> 
 def _collective_device(plans: Sequence[_LayerPlan]) -> torch.device:
     """The device of the parameters: collectives about them run there (NCCL takes CUDA tensors only)."""
     first = plans[0]
-    return first.backend.local(getattr(first.layer, first.backend.cycled[0])).device
+    return first.backend.local(getattr(first.layer, first.layer.cycled[0])).device
 
 
 def _vote(problems: List[Optional[str]], device, group) -> List[bool]:
     """Per layer, whether any rank found a problem (an all-reduce on the parameters' device)."""
-    import torch.distributed as dist
-
     flags = torch.tensor([p is not None for p in problems], dtype=torch.int32, device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     return [bool(f) for f in flags.tolist()]
@@ -429,8 +372,6 @@ def run_cycle(layers: Sequence[Tuple[str, Any]], backends: Sequence[Any], state,
         kept, total = kept + k, total + t
         full_A.append(a)
     if guard_counts:  # entries zeroed by the guard on shards: sum over each shard group
-        import torch.distributed as dist
-
         for g, counts in guard_counts.values():
             n = torch.tensor([sum(counts)], dtype=torch.int64, device=_collective_device(plans))
             dist.all_reduce(n, group=g)
@@ -452,22 +393,3 @@ def _guard_first_moment(st: Dict[str, Any]) -> int:
     if n:
         m.masked_fill_(orphan, 0)
     return n
-
-
-@torch.no_grad()
-def merge_and_reset_layer_(layer, *, seed: int, offset: int, rounding: str = "nearest",
-                           merge_seed: Optional[int] = None, name: str = "") -> None:
-    """One layer's merge and reset (no optimizer state), refused as a whole before anything is written."""
-    where = "LoRALinear.merge_and_reset_"
-    check_choice(where, "rounding", rounding, ROUNDINGS)
-    check_u64(where, "seed", seed)
-    check_u64(where, "offset", offset)
-    if rounding == "stochastic" and merge_seed is None:
-        raise ValueError(f"{where}: rounding='stochastic' needs merge_seed, got None")
-    if merge_seed is not None:
-        check_u64(where, "merge_seed", merge_seed)
-    backend = backend_for(layer)
-    problem = check_layer(name, layer, backend)
-    if problem is not None:
-        raise CycleRefused(f"{where}: refused, nothing was changed: {problem}")
-    backend.merge_and_reset(layer, seed=seed, offset=offset, rounding=rounding, merge_seed=merge_seed)

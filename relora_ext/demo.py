@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .lora import lora_layers, wrap
+from .model import lora_layers, wrap
 from .optim import ReLoRAOptimizer
 from .schedule import JaggedCosineLR
 from .tiny_llama import TinyLlama, TinyLlamaConfig

@@ -51,6 +51,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import ops
+
 __all__ = [
     "is_distributed", "is_dtensor", "fingerprint", "check_consistency", "draw_hashes",
     "merge_and_reset_sharded_", "prune_sharded_", "distributed_magnitude_prune_", "keep_count",
@@ -257,7 +259,6 @@ def merge_and_reset_sharded_(layer, *, seed: int, offset: int, rounding: str = "
     Raises :class:`ValueError` if ``A`` or ``B`` holds NaN/Inf (checked by the caller on all ranks first).
     Example: ``merge_and_reset_sharded_(model.layers[0].mlp.up_proj, seed=0, offset=reset_offset(0, c))``.
     """
-    from . import ops
 
     W, A, B = layer.weight, layer.lora_A, layer.lora_B
     if not (is_dtensor(W) and is_dtensor(B)):
@@ -418,7 +419,6 @@ def prune_sharded_(x, ratio: float, *, mode: str = "magnitude", seed: Optional[i
     small) and applies this rank's rows, so it too equals the single-process result; ``"reset"`` zeroes.
     Returns the global number of entries kept. Example: ``prune_sharded_(opt.state[p]["exp_avg"], 0.99)``.
     """
-    from . import ops
 
     local = x.to_local() if is_dtensor(x) else x
     if mode == "reset":

@@ -29,34 +29,36 @@ def _random_seed() -> int:
 # the operators
 
 
-def check_merge(fn: str, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float):
+def check_merge(fn: str, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                names=("W", "A", "B", "scale")):
     """The rules of :func:`merge_`, checked without writing anything (raises ``TypeError``/``ValueError``
-    naming ``fn``). Returns ``(scale, W, A, B)`` as the kernel takes them: a transposed ``W`` becomes
-    ``W.T += scale * A.T @ B.T``. The finiteness of ``A`` and ``B`` is checked by the kernel itself."""
-    check_tensor(fn, "W", W, 2)
-    check_tensor(fn, "A", A, 2)
-    check_tensor(fn, "B", B, 2)
+    naming ``fn`` and the arguments by ``names``). Returns ``(scale, W, A, B)`` as the kernel takes them: a
+    transposed ``W`` becomes ``W.T += scale * A.T @ B.T``. The kernel checks that ``A`` and ``B`` are finite."""
+    nW, nA, nB, ns = names
+    check_tensor(fn, nW, W, 2)
+    check_tensor(fn, nA, A, 2)
+    check_tensor(fn, nB, B, 2)
     if A.dtype != B.dtype:
-        raise TypeError(f"{fn}: A and B must share a dtype, got A {A.dtype} and B {B.dtype}")
+        raise TypeError(f"{fn}: {nA} and {nB} must share a dtype, got {nA} {A.dtype} and {nB} {B.dtype}")
     out, in_ = W.shape
     r = A.shape[0]
     if r < 1:
-        raise ValueError(f"{fn}: rank r = A.shape[0] must be >= 1, got A of shape {tuple(A.shape)}")
+        raise ValueError(f"{fn}: rank r = {nA}.shape[0] must be >= 1, got {nA} of shape {tuple(A.shape)}")
     if tuple(A.shape) != (r, in_) or tuple(B.shape) != (out, r):
         raise ValueError(
-            f"{fn}: expected W (out, in), A (r, in), B (out, r); got W {tuple(W.shape)}, "
-            f"A {tuple(A.shape)}, B {tuple(B.shape)}")
-    check_same_device(fn, W=W, A=A, B=B)
-    check_writable(fn, "W", W)
-    check_disjoint(fn, "W", W, "A", A)
-    check_disjoint(fn, "W", W, "B", B)
-    scale = check_float(fn, "scale", scale, lo=-F32_MAX, hi=F32_MAX)
+            f"{fn}: expected {nW} (out, in), {nA} (r, in), {nB} (out, r); got {nW} {tuple(W.shape)}, "
+            f"{nA} {tuple(A.shape)}, {nB} {tuple(B.shape)}")
+    check_same_device(fn, **{nW: W, nA: A, nB: B})
+    check_writable(fn, nW, W)
+    check_disjoint(fn, nW, W, nA, A)
+    check_disjoint(fn, nW, W, nB, B)
+    scale = check_float(fn, ns, scale, lo=-F32_MAX, hi=F32_MAX)
     if W.stride(-1) != 1 and W.stride(0) == 1 and out > 1:
         # A transposed W (in, out) in memory: merge W.T += scale * A.T @ B.T instead.
         W, A, B = W.t(), B.t(), A.t()
     elif W.stride(-1) != 1 and in_ > 1:
         raise ValueError(
-            f"{fn}: W must have unit stride along one dimension, got strides {W.stride()}")
+            f"{fn}: {nW} must have unit stride along one dimension, got strides {W.stride()}")
     return scale, W, A, B
 
 
@@ -85,20 +87,21 @@ def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *,
         torch.ops.relora.merge_(W, A, B, scale, rounding, seed)
 
 
-def check_reset(fn: str, A: torch.Tensor, B: torch.Tensor, std: float) -> float:
-    """The rules of :func:`reset_`, checked without writing anything; returns ``std`` as a float."""
-    check_tensor(fn, "A", A)
-    check_tensor(fn, "B", B)
+def check_reset(fn: str, A: torch.Tensor, B: torch.Tensor, std: float, names=("A", "B", "std")) -> float:
+    """The rules of :func:`reset_`, checked without writing anything (arguments named by ``names``);
+    returns ``std`` as a float."""
+    nA, nB, ns = names
+    check_tensor(fn, nA, A)
+    check_tensor(fn, nB, B)
     if A.dtype != B.dtype:
-        raise TypeError(f"{fn}: A and B must share a dtype, got A {A.dtype} and B {B.dtype}")
-    check_same_device(fn, A=A, B=B)
-    for name, t in (("A", A), ("B", B)):
+        raise TypeError(f"{fn}: {nA} and {nB} must share a dtype, got {nA} {A.dtype} and {nB} {B.dtype}")
+    check_same_device(fn, **{nA: A, nB: B})
+    for name, t in ((nA, A), (nB, B)):
         check_contiguous(fn, name, t)
         check_writable(fn, name, t)
-    check_disjoint(fn, "A", A, "B", B)
+    check_disjoint(fn, nA, A, nB, B)
     # the normals are bounded by sqrt(2·24·ln 2) < 6 (uniforms >= 2⁻²⁴): below this std A stays finite
-    std = check_float(fn, "std", std, lo=0.0, hi=torch.finfo(A.dtype).max / 6)
-    return std
+    return check_float(fn, ns, std, lo=0.0, hi=torch.finfo(A.dtype).max / 6)
 
 
 def reset_(A: torch.Tensor, B: torch.Tensor, *, std: float, seed: int, offset: int = 0) -> None:

@@ -26,12 +26,12 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from ._checks import check_bool
+from . import distributed as D
 from . import sst
-from .cycle import (CycleRefused, CycleSettings, SSTLayer, backend_for, cycled_layers, prune_offset, reset_offset,
-                    run_cycle)
+from ._checks import CycleRefused, check_bool
+from .cycle import CycleSettings, SSTLayer, backend_for, cycled_layers, prune_offset, reset_offset, run_cycle
 
-__all__ = ["ReLoRAOptimizer", "reset_offset", "prune_offset"]
+__all__ = ["ReLoRAOptimizer", "check_optimizer_state", "reset_offset", "prune_offset"]
 
 #: The wrapper's counters, saved in ``state_dict()["relora"]`` beside the settings.
 COUNTERS = ("steps_taken", "cycles_done", "last_cycle_step", "last_prune_kept", "last_prune_total")
@@ -142,25 +142,22 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
                 f"{where}: model ({type(model).__name__}) has no LoRALinear layer; call relora_ext.wrap(model, r=...) "
                 "before building the optimizer"
             )
-        backends = [backend_for(layer) for _, layer in layers]  # local, sharded, quantized or SST: once per layer
-        from .distributed import is_dtensor
-        from .sst import FSDP2_REFUSAL
-
+        backends = [backend_for(layer) for _, layer in layers]  # local, sharded or SST: once per layer
         for (name, layer), backend in zip(layers, backends):
-            if backend is SSTLayer and any(is_dtensor(t) for t in (*layer.parameters(), *layer.buffers())):
-                raise ValueError(f"{where}: layer {name!r}: {FSDP2_REFUSAL}")
+            if backend is SSTLayer and any(D.is_dtensor(t) for t in (*layer.parameters(), *layer.buffers())):
+                raise ValueError(f"{where}: layer {name!r}: {sst.FSDP2_REFUSAL}")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for (name, layer), backend in zip(layers, backends):
-            for pname in backend.trained:
+        for name, layer in layers:
+            for pname in layer.trained:
                 if id(getattr(layer, pname)) not in held:
                     raise ValueError(
                         f"{where}: the wrapped optimizer does not hold {name}.{pname} "
                         f"(shape {tuple(getattr(layer, pname).shape)}); build it from model.parameters() after "
                         "relora_ext.wrap(model, ...), so that it trains the adapters"
                     )
-        for (name, layer), backend in zip(layers, backends):
-            for pname in backend.floating:
-                dt = getattr(layer, pname).dtype
+        for name, layer in layers:
+            for pname, p in layer.named_parameters(recurse=False):
+                dt = p.dtype
                 if not dt.is_floating_point or dt == torch.float64:
                     raise TypeError(
                         f"{where}: layer {name!r}: {pname} is {dt}; the ReLoRA* cycle merges float32, bfloat16 or "
@@ -170,6 +167,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         self.model_layers = layers
         self._backends = backends
         self._sst_layers = [layer for (_, layer), b in zip(layers, backends) if b is SSTLayer]
+        self._edges = _module_edges(model, [name for name, _ in layers])
         self.process_group = process_group
         self.check_ranks = check_ranks
         self._ranks_checked = False
@@ -250,6 +248,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         """
         if self.steps_taken == 0:
             self._check_layers_unchanged("step 1")
+        self._check_layers_attached(f"step {self.steps_taken + 1}")
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         if self._sst_layers:  # SST: unit-length active directions, Σ >= 0 (one native call for every layer)
             sst.renormalize_(self._sst_layers)
@@ -273,9 +272,8 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         :class:`relora_ext.distributed.ConsistencyError` on every rank (``check_ranks=False`` skips it).
         Every rank must call ``step()``/``restart()`` together.
         """
-        from . import distributed as D
-
         c = self.cycles_done
+        self._check_layers_attached(f"cycle {c}")
         self._check_layers_unchanged(f"cycle {c}")
         multi = D.is_distributed(self.process_group)
         check = multi and self.check_ranks and not self._ranks_checked
@@ -313,6 +311,18 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         self._cycle_hooks[handle.id] = hook
         return handle
 
+    def _check_layers_attached(self, when: str) -> None:
+        """Refuse to go on if a layer this optimizer cycles left the model (unwrapped or replaced): its
+        adapters would be stepped and cycled while the model no longer computes with them. One identity
+        test per module on the way to each layer (cheap enough for every step)."""
+        for parent, child_name, child in self._edges:
+            if parent._modules.get(child_name) is not child:
+                gone = [n for n, layer in self.model_layers if not _attached(self.model, n, layer)]
+                raise CycleRefused(
+                    f"ReLoRAOptimizer: {when} refused, nothing was changed: layer(s) {gone} are no longer in the "
+                    "model (unwrapped or replaced since this optimizer was built); build a new optimizer for the "
+                    "model as it is now")
+
     def _check_layers_unchanged(self, when: str) -> None:
         """Refuse to go on if the model gained LoRALinear layers this optimizer does not know."""
         known = {id(layer) for _, layer in self.model_layers}
@@ -349,8 +359,6 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         other parameter groups (count, sizes, hyper-parameter keys), state tensors shaped unlike their
         parameters, malformed counters.
         """
-        from .checkpoint import check_optimizer_state
-
         meta = state_dict.get("relora") if isinstance(state_dict, dict) else None
         meta = meta or {}
         self.settings.check_saved(meta, where)
@@ -388,3 +396,53 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
             setattr(self, k, meta.get(k, 0))
         if "last_cycle_step" not in meta:  # saved before it existed: the cycles ran on schedule
             self.last_cycle_step = self.cycles_done and self.steps_taken // self.reset_every * self.reset_every
+
+
+def _module_edges(model: nn.Module, names):
+    """``(parent, child name, child)`` for every module on the way from ``model`` to each named layer."""
+    edges = {}
+    for name in filter(None, names):  # "" is the model itself
+        parent = model
+        for part in name.split("."):
+            child = parent._modules[part]
+            edges[(id(parent), part)] = (parent, part, child)
+            parent = child
+    return list(edges.values())
+
+
+def _attached(model: nn.Module, name: str, layer: nn.Module) -> bool:
+    try:
+        return model.get_submodule(name) is layer
+    except AttributeError:
+        return False
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, where: str) -> None:
+    """Raise :class:`ValueError` if ``optimizer.load_state_dict(state_dict)`` would fail or load state that
+    does not fit: another optimizer's hyper-parameter keys, other group sizes, state shaped unlike its
+    parameter. Changes nothing. (A :class:`~relora_ext.optim.ReLoRAOptimizer` checks its settings too.)"""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError(f"{where}: expected an optimizer state dict with 'state' and 'param_groups', got "
+                         f"{type(state_dict).__name__}")
+    groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError(f"{where}: the optimizer state has {len(saved_groups)} parameter groups, the optimizer "
+                         f"has {len(groups)}")
+    params = {}
+    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+        if len(g["params"]) != len(sg["params"]):
+            raise ValueError(f"{where}: parameter group {i} holds {len(sg['params'])} parameters in the state but "
+                             f"{len(g['params'])} in the optimizer")
+        missing = sorted(set(g) - set(sg) - {"params"})
+        if missing:
+            raise ValueError(f"{where}: parameter group {i} of the state lacks {missing}: it was saved from another "
+                             f"optimizer type than {type(optimizer).__name__}")
+        params.update(zip(sg["params"], g["params"]))
+    for pid, st in state_dict["state"].items():
+        p = params.get(pid)
+        if p is None:
+            raise ValueError(f"{where}: the optimizer state holds parameter id {pid!r}, which no group lists")
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"{where}: optimizer state {k!r} of parameter {pid} has shape {tuple(v.shape)} "
+                                 f"but the parameter has shape {tuple(p.shape)}")

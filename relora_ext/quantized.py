@@ -100,12 +100,8 @@ class QuantizedLoRALinear(LoRALinear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = int(base.in_features), int(base.out_features)
         self.r = check_rank(where, r, self.in_features, self.out_features)
-        self.alpha = check_float(where, "alpha", float(self.r) if alpha is None else alpha, lo=0.0, lo_open=True,
-                                 hi=F32_MAX)
-        self.scaling = self.alpha / self.r
+        self.alpha = float(self.r) if alpha is None else alpha
         self.dropout = check_float(where, "dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
-        self.init_std = check_float(where, "init_std", 1.0 / math.sqrt(self.in_features) if init_std is None
-                                    else init_std, lo=0.0, hi=F32_MAX)
         self._weight_requires_grad = False
         self._base_cls = None
         base.requires_grad_(False)
@@ -114,6 +110,7 @@ class QuantizedLoRALinear(LoRALinear):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device, dtype=dtype))
+        self.init_std = 1.0 / math.sqrt(self.in_features) if init_std is None else init_std
         self.reset_lora_parameters()
         self.train(base.training)
         return self
@@ -131,6 +128,18 @@ class QuantizedLoRALinear(LoRALinear):
         lora = F.linear(F.linear(h.to(self.lora_A.dtype), self.lora_A), self.lora_B)
         return self.base(x) + (lora * self.scaling if self.scaling != 1.0 else lora).to(x.dtype)
 
+    def merge_operands(self):
+        """``(None, lora_A, lora_B)``: ``W`` is dequantized only by the merge itself (see :meth:`merge_`)."""
+        return None, self.lora_A, self.lora_B
+
+    def check(self) -> Optional[str]:
+        """:meth:`LowRankAdapter.check` on the factors, and their shapes against the quantized base."""
+        want = {"lora_A": (self.r, self.in_features), "lora_B": (self.out_features, self.r)}
+        for name, shape in want.items():
+            if tuple(getattr(self, name).shape) != shape:
+                return f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}"
+        return super().check()
+
     @torch.no_grad()
     def merge_(self, *, rounding: str = "nearest", seed: Optional[int] = None) -> None:
         """Dequantize ``W``, add ``s·B·A`` in float32, quantize again (the ``rounding`` of the float32 sum is
@@ -141,7 +150,7 @@ class QuantizedLoRALinear(LoRALinear):
 
     @torch.no_grad()
     def to_base(self) -> nn.Module:
-        self._check_mergeable("QuantizedLoRALinear.to_base")
+        self.refuse_if_unfit("QuantizedLoRALinear.to_base")
         self.merge_()
         self.lora_B.zero_()
         return self.base

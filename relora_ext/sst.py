@@ -28,6 +28,8 @@ from torch import nn
 
 from . import _C, ops  # noqa: F401  (_C registers torch.ops.relora.sst_linear)
 from ._checks import FLOAT_DTYPES, check_int, check_rank, check_u64
+from .adapter import CycledLayer
+from .distributed import is_dtensor
 
 __all__ = ["SSTLinear", "renormalize_", "sample_directions", "sample_offset"]
 
@@ -84,7 +86,7 @@ def renormalize_(layers) -> None:
                                           [m.sigma for m in layers], [m.active for m in layers])
 
 
-class SSTLinear(nn.Module):
+class SSTLinear(CycledLayer):
     r"""A drop-in :class:`torch.nn.Linear` trained by Sparse Spectral Training (see the module docstring).
 
     Shapes: input ``(*, in_features)``, output ``(*, out_features)``. ``weight_dtype`` (default: the
@@ -103,6 +105,9 @@ class SSTLinear(nn.Module):
         >>> layer.weight_sst().shape
         torch.Size([32, 64])
     """
+
+    cycled = ("U_active", "V_active")  # their state is cleared when a new sample is swapped in
+    trained = ("sigma", "U_active", "V_active")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  r: int, weight_dtype: Optional[torch.dtype] = None) -> None:
@@ -173,15 +178,15 @@ class SSTLinear(nn.Module):
         V[:, self.active] = self.V_active
         return (U * self.sigma) @ V.t()
 
+    def to_base(self) -> nn.Linear:
+        """:meth:`to_linear` (what :func:`relora_ext.unwrap` puts back)."""
+        return self.to_linear()
+
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """An :class:`torch.nn.Linear` holding ``W = U diag(Σ) Vᵀ`` (and this layer's bias Parameter).
         Refused (:class:`relora_ext.cycle.CycleRefused`) if :meth:`check` finds a problem (NaN/Inf, say)."""
-        problem = self.check()
-        if problem is not None:
-            from .cycle import CycleRefused
-
-            raise CycleRefused(f"SSTLinear.to_linear: refused, nothing was changed: {problem}")
+        self.refuse_if_unfit("SSTLinear.to_linear")
         lin = nn.Linear(self.in_features, self.out_features, bias=False, device=self.sigma.device,
                         dtype=self.sigma.dtype)
         lin.weight.copy_(self.weight_sst())
@@ -236,8 +241,6 @@ class SSTLinear(nn.Module):
     def check(self) -> Optional[str]:
         """Why an iteration (or :meth:`to_linear`) would be refused, ``None`` if it would not: every tensor of
         the layer is checked (shapes, non-finite values, the active indices) before anything is changed."""
-        from .distributed import is_dtensor
-
         shapes = {"sigma": (self.m,), "U_active": (self.out_features, self.r), "V_active": (self.in_features, self.r),
                   "U": (self.out_features, self.m), "V": (self.in_features, self.m), "active": (self.r,)}
         for name, shape in shapes.items():

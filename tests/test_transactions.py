@@ -88,13 +88,18 @@ def _many_state_tensors(opt, layer):
         st[f"extra{i}"] = torch.zeros_like(layer.lora_A)
 
 
-def _init_std_beyond_float32(layer):
-    layer.init_std = 1e39  # set after construction: the reset would fail after the merge
+def _A_of_another_shape(layer):
+    layer.lora_A.data = torch.randn(3, layer.in_features)  # the merge would refuse it after earlier layers
+
+
+def _expanded_weight(layer):
+    layer.weight.data = torch.randn(1, layer.in_features).expand(layer.out_features, -1)
 
 
 PLANTS = {
-    "noncontiguous lora_A": (lambda opt, layer: _noncontiguous_A(layer), "not contiguous"),
-    "init_std beyond float32": (lambda opt, layer: _init_std_beyond_float32(layer), "init_std must be a finite"),
+    "noncontiguous lora_A": (lambda opt, layer: _noncontiguous_A(layer), "must be contiguous"),
+    "lora_A of another shape": (lambda opt, layer: _A_of_another_shape(layer), r"expected weight \(out, in\)"),
+    "expanded weight": (lambda opt, layer: _expanded_weight(layer), "overlap"),
     "float64 optimizer state": (_float64_state, "torch.float64"),
     "NaN in lora_B": (lambda opt, layer: _nan_B(layer), "non-finite"),
     "meta weight": (lambda opt, layer: _meta_weight(layer), "different devices|meta"),
@@ -190,7 +195,7 @@ def test_merge_and_reset_refused_on_noncontiguous_B_changes_nothing():
     x = torch.randn(4, 8)
     y = layer(x)
     before = snapshot(layer)
-    with pytest.raises(CycleRefused, match="lora_B is not contiguous"):
+    with pytest.raises(CycleRefused, match="lora_B must be contiguous"):
         layer.merge_and_reset_(seed=0, offset=0)
     assert_unchanged(before, snapshot(layer))
     assert torch.equal(layer(x), y)
