@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import FLOAT_DTYPES, check_int, check_rank
+from ._checks import FLOAT_DTYPES, check_int, check_rank, is_dtensor
 from .adapter import LowRankAdapter
 
 __all__ = ["LoRAEmbedding"]
@@ -205,6 +205,10 @@ class LoRAEmbedding(LowRankAdapter):
 
     def check(self) -> Optional[str]:
         """:meth:`LowRankAdapter.check`, and the factors' shapes against ``r`` and the table."""
+        if any(is_dtensor(t) for t in (self.weight, self.lora_A, self.lora_B)):
+            # FSDP2 shards the table by vocabulary rows, the merge's columns: the row-wise sharded merge of
+            # linear layers does not apply
+            return "a sharded (FSDP2 DTensor) LoRAEmbedding is not supported; leave the embedding full rank"
         want = {"lora_A": (self.r, self.num_embeddings), "lora_B": (self.embedding_dim, self.r),
                 "weight": (self.num_embeddings, self.embedding_dim)}
         for name, shape in want.items():

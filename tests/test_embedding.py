@@ -317,3 +317,38 @@ def test_to_base_merges_into_the_same_parameter(weight_dtype):
     assert_close(base(ids), y, rtol=tol, atol=tol)
     assert_close(lora(ids).detach(), base(ids))  # A zeroed: the adapter still computes the same function
     assert LoRAEmbedding(6, 4, r=2).to_base().weight.requires_grad  # built from scratch: trainable
+
+
+def test_sharded_table_refused(monkeypatch):
+    import relora_ext.embedding as embedding
+
+    layer = LoRAEmbedding(10, 4, r=2)
+    monkeypatch.setattr(embedding, "is_dtensor", lambda t: t is layer.weight)
+    assert "sharded (FSDP2 DTensor) LoRAEmbedding is not supported" in layer.check()
+
+
+# --- in ReLoRAOptimizer's cycle ----------------------------------------------------------------------
+
+
+def test_cycled_by_relora_optimizer():
+    from relora_ext import ReLoRAOptimizer
+    from relora_ext.cycle import reset_offset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRAEmbedding(40, 8, r=2), nn.Linear(8, 40))
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2, seed=5)
+    ids = torch.randint(0, 40, (4, 6))
+    E0 = model[0].weight.clone()
+    for _ in range(2):
+        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    emb = model[0]
+    assert opt.cycles_done == 1 and torch.count_nonzero(emb.lora_A) == 0
+    assert not torch.equal(emb.weight, E0)  # the update was merged into the table
+    drawn, zeros = torch.empty_like(emb.lora_B), torch.empty_like(emb.lora_A)
+    ops.reset_(drawn, zeros, std=emb.init_std, seed=5, offset=reset_offset(0, 0))
+    assert torch.equal(emb.lora_B, drawn)
+    for p in (emb.lora_A, emb.lora_B):  # 99% magnitude pruning of both factors' state
+        st = opt.state[p]
+        assert torch.count_nonzero(st["exp_avg_sq"]) <= p.numel() - int(0.99 * p.numel())
