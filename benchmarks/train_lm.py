@@ -20,6 +20,8 @@ every ``--reset-every`` steps); ``galore`` (``galore_torch.GaLoreAdamW`` on the 
 rank r, projection refreshed every ``--reset-every`` steps, scale 0.25, the rest plain AdamW); ``sst``
 (Sparse Spectral Training on the same projections: r sampled singular-vector pairs and every singular
 value trained, a new sample every ``--reset-every`` steps).
+``relora_io`` (opt-in, issue 22): ReLoRA* with the output head and the token embeddings adapted too, at the
+same r (``lm_head`` in ``target_modules``, :class:`relora_ext.embedding.LoRAEmbedding`).
 
 Each run is a fresh subprocess (so its peak RSS is its own); results are cached as JSON under
 ``--cache-dir`` and reused when the configuration matches, so the stages can be run separately:
@@ -54,12 +56,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-METHODS = ("full", "peft_lora", "lora", "relora", "galore", "relora_bf16w", "relora_bf16w_sr", "sst")
+METHODS = ("full", "peft_lora", "lora", "relora", "galore", "relora_bf16w", "relora_bf16w_sr", "sst", "relora_io")
 LABELS = {"full": "full-rank AdamW", "peft_lora": "LoRA (peft)", "lora": "LoRA (relora_ext, no resets)",
           "relora": "ReLoRA* (relora_ext)", "galore": "GaLore (galore-torch)",
           "relora_bf16w": "ReLoRA* (relora_ext, frozen W in bf16, nearest merge)",
           "relora_bf16w_sr": "ReLoRA* (relora_ext, frozen W in bf16, stochastic merge)",
-          "sst": "SST (relora_ext)"}
+          "sst": "SST (relora_ext)",
+          "relora_io": "ReLoRA* (relora_ext, head and embeddings adapted too)"}
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # SST paper (Sparse Spectral Training), LLaMA-130M, r = 64: validation perplexities
 PUBLISHED = {"full": 20.04, "lora": 29.71, "relora": 31.33, "sst": 23.35}
@@ -110,9 +113,14 @@ def worker(cfg: dict) -> dict:
     reset_every = steps + 1
     if method == "full":
         opt = torch.optim.AdamW(model.parameters(), **adamw)
-    elif method in ("lora", "relora", "relora_bf16w", "relora_bf16w_sr", "sst"):
+    elif method in ("lora", "relora", "relora_bf16w", "relora_bf16w_sr", "sst", "relora_io"):
         relora_ext.wrap(model, r=r, method="sst" if method == "sst" else "relora",
-                        weight_dtype=torch.bfloat16 if method.startswith("relora_bf16w") else None)
+                        weight_dtype=torch.bfloat16 if method.startswith("relora_bf16w") else None,
+                        target_modules=PROJ + ["lm_head"] if method == "relora_io" else None)
+        if method == "relora_io":  # the token embeddings too, at the same r (issue 22)
+            from relora_ext.embedding import LoRAEmbedding
+
+            model.embed_tokens = LoRAEmbedding.from_embedding(model.embed_tokens, r=r)
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw)
         reset_every = cfg["reset_every"] if method != "lora" else steps + 1
         opt = relora_ext.ReLoRAOptimizer(inner, model, reset_every=reset_every, prune="magnitude",
@@ -325,7 +333,8 @@ def plot(args, rows, path: Path):
     import matplotlib.pyplot as plt
 
     colors = {"full": "black", "peft_lora": "tab:blue", "lora": "tab:cyan", "relora": "tab:red", "galore": "tab:green",
-              "relora_bf16w": "tab:orange", "relora_bf16w_sr": "tab:purple", "sst": "tab:brown"}
+              "relora_bf16w": "tab:orange", "relora_bf16w_sr": "tab:purple", "sst": "tab:brown",
+              "relora_io": "tab:pink"}
     ranks = ranks_of(args)
     fig, axes = plt.subplots(1, len(ranks), figsize=(6.5 * len(ranks), 4.6), sharey=True, squeeze=False)
     axes = axes[0]

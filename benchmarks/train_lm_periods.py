@@ -12,6 +12,8 @@ the same model, data, LR and seeds as ``train_lm.py``, and writes one table to R
         --restart-share 0.1 --section train_lm_periods_long
     python benchmarks/train_lm_periods.py --steps 3000 --warmup 60 --periods 100 500 --seeds 0 1 \\
         --restart-share 0.1 --section train_lm_periods_3k      # 6.1M tokens: ~2 h of one core
+    python benchmarks/train_lm_periods.py --steps 3000 --warmup 60 --periods 100 500 --seeds 0 1 \\
+        --restart-share 0.1 --methods relora relora_io --section train_lm_io_3k   # issue 22: head + embeddings adapted
 
 Runs are cached with train_lm's own cache (the same JSON per configuration), so a period that equals the one
 in train_lm's section reuses those runs.
@@ -64,12 +66,23 @@ def gap_closed(means, periods, full_ppl) -> str:
             f"{best_sst:.3f}, full rank {full_ppl:.3f}).\n\n")
 
 
+def io_cost(means, periods) -> str:
+    """Issue 22's measure: ReLoRA* with the head and embeddings adapted against ReLoRA* with them full rank
+    (validation perplexity ratio per period); '' unless both ran."""
+    if not any(k[0] == "relora_io" for k in means) or not any(k[0] == "relora" for k in means):
+        return ""
+    per = "; ".join(f"period {q}: {means['relora_io', q] / means['relora', q]:.3f}" for q in periods)
+    return (f"Head and embeddings adapted, against ReLoRA* with them full rank (perplexity ratio; issue 22's goal: "
+            f"at most 1.01): {per}.\n\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--periods", type=int, nargs="+", default=[15, 25, 50])
-    p.add_argument("--methods", nargs="+", choices=("relora", "sst"), default=["relora", "sst"])
+    p.add_argument("--methods", nargs="+", choices=("relora", "sst", "relora_io"), default=["relora", "sst"],
+                   help="relora_io: ReLoRA* with the output head and the token embeddings adapted too (issue 22)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -117,7 +130,7 @@ def main(argv=None):
           f"m = {m_dirs} singular directions; a round is m / r = {m_dirs // args.rank} iterations), the restart warmup "
           f"{args.restart_share:.0%} of it. Each cell: validation perplexity per byte, mean ± half the range over seeds "
           f"(ppl / full rank's {full_ppl:.3f}).\n\n"
-          + table(head, rows) + "\n\n" + gap_closed(means, args.periods, full_ppl)
+          + table(head, rows) + "\n\n" + gap_closed(means, args.periods, full_ppl) + io_cost(means, args.periods)
           + provenance_of(provs, argv) + "\n")
     print(md)
     if args.write_results:
