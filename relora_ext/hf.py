@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import json
 import os
+import types
 import warnings
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ._checks import check_int
 from .analysis import UpdateTracker, _effective_weight
-from .lora import LoRALinear, lora_layers
+from .lora import LoRALinear
+from .model import lora_layers
 
-__all__ = ["merged_state_dict", "save_pretrained", "export_peft_adapter", "ReLoRACallback"]
+__all__ = ["merged_state_dict", "save_pretrained", "install_save_hook", "remove_save_hook", "export_peft_adapter",
+           "ReLoRACallback"]
 
 
 def _is_conv1d_layer(layer: LoRALinear) -> bool:
@@ -82,6 +85,38 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], **kwargs: A
     model.save_pretrained(os.fspath(path), state_dict=merged_state_dict(model), **kwargs)
 
 
+def install_save_hook(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(path)`` (a wrapped ``transformers`` model's own, the PEFT habit) write the
+    merged model, as :func:`save_pretrained` does; a no-op for a model without ``save_pretrained``.
+
+    The hook is an instance attribute (the class is not touched): ``save_pretrained(path, **kwargs)``
+    calls the class's method with ``state_dict=merged_state_dict(model)``. A ``state_dict`` the caller
+    passes is written as given. Inside ``Trainer.train`` with :class:`ReLoRACallback`, the Trainer's
+    checkpoints keep the unmerged training state (``weight``, ``lora_A``, ``lora_B``), so that
+    ``resume_from_checkpoint`` continues exactly; ``trainer.save_model()`` after training writes the merged
+    model. :func:`remove_save_hook` undoes it (``unwrap`` calls it). Example::
+
+        >>> install_save_hook(model); model.save_pretrained("out/")   # loads into the plain architecture
+    """
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_merged, model)
+
+
+def remove_save_hook(model: nn.Module) -> None:
+    """Undo :func:`install_save_hook`: ``model.save_pretrained`` is the class's again."""
+    if getattr(model.__dict__.get("save_pretrained"), "__func__", None) is _save_pretrained_merged:
+        del model.__dict__["save_pretrained"]
+
+
+def _save_pretrained_merged(self: nn.Module, save_directory, *args: Any, state_dict=None, **kwargs: Any):
+    if state_dict is None and not self.__dict__.get(_TRAINING_FLAG, False):
+        state_dict = merged_state_dict(self)
+    return type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
+
+
+_TRAINING_FLAG = "_relora_trainer_running"  # set by ReLoRACallback between on_train_begin and on_train_end
+
+
 def _base_weights(model: nn.Module, base) -> Dict[str, torch.Tensor]:
     """``{layer name: W₀ (out, in)}`` from an UpdateTracker, a mapping of names to weights, or a base model."""
     names = [n for n, _ in lora_layers(model)]
@@ -111,6 +146,44 @@ def _base_weights(model: nn.Module, base) -> Dict[str, torch.Tensor]:
     return w0
 
 
+def _trained_others(model: nn.Module, layers) -> Tuple[List[Tuple[str, nn.Module]], List[Tuple[str, LoRALinear]]]:
+    """What trains besides the low-rank factors: ``(modules for modules_to_save, adapted layers with a trained
+    bias)``; raises ``ValueError`` naming what PEFT's adapter format cannot carry."""
+    where = "export_peft_adapter: refused, nothing was written"
+    adapted = {id(layer): name for name, layer in layers}
+    owners: Dict[int, List[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    saved, biases = [], []
+    for mname, mod in model.named_modules():
+        trained = [(pn, p) for pn, p in mod.named_parameters(recurse=False) if p.requires_grad]
+        if id(mod) in adapted:
+            trained = [(pn, p) for pn, p in trained if pn not in ("lora_A", "lora_B")]
+        if not trained:
+            continue
+        names = [f"{mname}.{pn}" if mname else pn for pn, _ in trained]
+        for (pn, p), full in zip(trained, names):
+            if len(owners[id(p)]) > 1:
+                raise ValueError(f"{where}: the trained parameter {full!r} is shared with {owners[id(p)][1:]} (tied "
+                                 "weights); PEFT's modules_to_save would untie them: train with "
+                                 "ReLoRAConfig(freeze_others=True), or save the merged model with "
+                                 "relora_ext.save_pretrained")
+        if id(mod) in adapted:
+            if [pn for pn, _ in trained] != ["bias"]:
+                raise ValueError(f"{where}: the adapted layer's weight {names[0]!r} is trainable; PEFT's adapter "
+                                 "keeps the base weight frozen")
+            biases.append((mname, mod))
+        elif not mname or any(id(m) in adapted for m in mod.modules()) or any(
+                mname.startswith(a + ".") for a in adapted.values()):
+            raise ValueError(f"{where}: trained parameters {names} sit on a module that holds adapted layers "
+                             "too; PEFT's modules_to_save copies whole modules: freeze them or move them into "
+                             "a submodule of their own")
+        else:
+            saved.append((mname, mod))
+    return saved, biases
+
+
 @torch.no_grad()
 def export_peft_adapter(model: nn.Module, base, path: Union[str, os.PathLike], *, rank: int,
                         base_model_name_or_path: Optional[str] = None) -> Dict[str, float]:
@@ -122,8 +195,13 @@ def export_peft_adapter(model: nn.Module, base, path: Union[str, os.PathLike], *
     ``lora_A = Σ_k^½ V_kᵀ`` ``(k, in)`` with ``lora_alpha = r = k`` (scale 1). The files are PEFT's:
     ``path/adapter_model.safetensors`` (keys ``base_model.model.<layer>.lora_A.weight``, ...) and
     ``path/adapter_config.json``; ``peft.PeftModel.from_pretrained(base_model, path)`` loads them onto the
-    original base model. Only the adapted weights are exported: train with
-    ``ReLoRAConfig(freeze_others=True)`` if the rest (norms, embeddings, biases) must stay the base's.
+    original base model. Everything else that trains goes with it, so that the loaded model is the trained
+    one: the biases of adapted layers (PEFT's ``bias="lora_only"``) and every other module with a trainable
+    parameter (embeddings, norms, a head: PEFT's ``modules_to_save``, copied whole). ReLoRA* trains those by
+    default; with ``ReLoRAConfig(freeze_others=True)`` the adapter holds the low-rank factors only.
+    Refused (nothing written), naming the parameter, where PEFT cannot carry a trained parameter: one
+    shared with another module (tied embedding and head), one on the model's root module, a trainable
+    ``weight`` of an adapted layer, or a module that holds adapted layers as well.
 
     Args:
         model: the wrapped, trained model.
@@ -157,6 +235,7 @@ def export_peft_adapter(model: nn.Module, base, path: Union[str, os.PathLike], *
         raise ValueError("export_peft_adapter: the model mixes Conv1D and nn.Linear adapted layers; PEFT's "
                          "fan_in_fan_out is one setting per adapter: export them as two adapters")
     w0 = _base_weights(model, base)
+    saved, lora_biases = _trained_others(model, layers)
     tensors, errors = {}, {}
     k_max = 0
     for name, layer in layers:
@@ -175,10 +254,16 @@ def export_peft_adapter(model: nn.Module, base, path: Union[str, os.PathLike], *
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(dtype).contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dtype).contiguous().cpu()
         k_max = max(k_max, k)
+    for name, layer in lora_biases:  # PEFT's bias="lora_only": the adapted layers' biases, loaded onto the base
+        tensors[f"base_model.model.{name}.base_layer.bias"] = layer.bias.detach().contiguous().cpu()
+    for name, mod in saved:          # PEFT's modules_to_save: a trained copy of the whole module
+        for pname, p in mod.named_parameters(recurse=False):
+            tensors[f"base_model.model.{name}.{pname}"] = p.detach().contiguous().cpu()
     config = {
         "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-        "target_modules": sorted(name for name, _ in layers), "bias": "none", "fan_in_fan_out": conv == {True},
-        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "target_modules": sorted(name for name, _ in layers), "bias": "lora_only" if lora_biases else "none",
+        "fan_in_fan_out": conv == {True}, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": [name for name, _ in saved] or None,
         "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
     }
     path = os.fspath(path)
@@ -195,13 +280,28 @@ except ImportError:  # transformers is optional: the callback then is a plain ob
     _TrainerCallback = object
 
 
+def _console(logs: Dict[str, Any]) -> None:
+    """Print a log line the way the Trainer's progress callback does (above a running tqdm bar, floats to 4
+    significant digits)."""
+    logs = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in logs.items()}
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(logs, flush=True)
+    else:
+        tqdm.write(str(logs))
+
+
 class ReLoRACallback(_TrainerCallback):
     """A ``transformers.TrainerCallback`` that logs the cycles of a :class:`~relora_ext.optim.ReLoRAOptimizer`.
 
     After every optimizer step that ran a cycle it appends ``{"step", "relora/cycle", "relora/kept",
     "relora/pruned_total"}`` (and ``"relora/update_rank"``, the mean effective rank of ``W − W₀``, if a
-    ``tracker`` is given) to ``state.log_history``, and every log line gets ``relora/cycles_done``. At the
-    start of training it warns if ``max_steps`` is too short for any cycle (then ReLoRA* is plain LoRA).
+    ``tracker`` is given) to ``state.log_history`` and prints it on the main process's console like the
+    Trainer's own log lines; every log line gets ``relora/cycles_done``. At the start of training it warns
+    if ``max_steps`` is too short for any cycle (then ReLoRA* is plain LoRA). While training runs, the
+    Trainer's checkpoints keep the unmerged training state even where :func:`install_save_hook` made
+    ``save_pretrained`` merge, so ``resume_from_checkpoint`` continues exactly.
 
     Example::
 
@@ -223,15 +323,21 @@ class ReLoRACallback(_TrainerCallback):
         if state.max_steps and state.max_steps < self.optimizer.reset_every:
             warnings.warn(f"ReLoRACallback: max_steps={state.max_steps} < reset_every={self.optimizer.reset_every}: "
                           "no cycle will run, so this is plain LoRA training", stacklevel=2)
+        # the Trainer's checkpoints are training state: install_save_hook's merge waits for the end of training
+        self.optimizer.model.__dict__[_TRAINING_FLAG] = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.optimizer.model.__dict__.pop(_TRAINING_FLAG, None)
 
     def on_step_end(self, args, state, control, **kwargs):
         for info in self.pending:
-            entry = {"step": state.global_step, "relora/cycle": info["cycle"], "relora/kept": info["kept"],
-                     "relora/pruned_total": info["total"]}
+            entry = {"relora/cycle": info["cycle"], "relora/kept": info["kept"], "relora/pruned_total": info["total"]}
             if self.tracker is not None:
                 ranks = self.tracker.effective_ranks()
                 entry["relora/update_rank"] = sum(ranks.values()) / max(len(ranks), 1)
-            state.log_history.append(entry)
+            state.log_history.append({**entry, "step": state.global_step})
+            if state.is_world_process_zero:  # on the console, as the Trainer prints its own log lines
+                _console({**entry, "epoch": state.epoch or 0.0})
         self.pending.clear()
 
     def on_log(self, args, state, control, logs=None, **kwargs):

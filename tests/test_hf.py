@@ -149,6 +149,62 @@ def test_export_peft_adapter_loads_in_peft(tmp_path, base_kind):
     assert errs[1][1] > errs[2][1] > errs[6][1]
 
 
+@pytest.mark.parametrize("freeze_others", [False, True])
+def test_export_peft_adapter_carries_everything_that_trained(tmp_path, freeze_others):
+    base = tiny_llama()
+    model = wrap(copy.deepcopy(base), ReLoRAConfig(r=2, freeze_others=freeze_others))
+    tracker = UpdateTracker(model)
+    opt = ReLoRAOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2), model,
+                          reset_every=3)
+    train(model, opt, 7)           # 2 cycles and an unmerged update: rank <= 6
+    y = model(IDS).logits.detach()
+    relora_ext.export_peft_adapter(model, tracker, tmp_path, rank=6)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    others = ["lm_head", "model.embed_tokens", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+              "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm", "model.norm"]
+    assert sorted(cfg["modules_to_save"] or []) == ([] if freeze_others else others) and cfg["bias"] == "none"
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    rel = float((loaded(IDS).logits.detach() - y).abs().max() / y.abs().max())
+    assert rel < 1e-5, rel
+
+
+def test_export_peft_adapter_biases_and_what_peft_cannot_carry(tmp_path):
+    base = tiny_gpt2()
+    model = wrap(copy.deepcopy(base), ReLoRAConfig(r=2))     # trains the tied wte/lm_head and every bias
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-2), model, reset_every=3)
+    train(model, opt, 4)
+    with pytest.raises(ValueError, match=r"'transformer.wte.weight' is shared with \['lm_head.weight'\]"):
+        relora_ext.export_peft_adapter(model, base, tmp_path / "tied", rank=8)
+    assert not (tmp_path / "tied").exists()
+    model.transformer.wte.weight.requires_grad_(False)       # the tie frozen: biases and norms go with the adapter
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(base.transformer.wte.weight)
+    y = model(IDS).logits.detach()
+    relora_ext.export_peft_adapter(model, base, tmp_path / "a", rank=8)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["bias"] == "lora_only" and "transformer.h.0.ln_1" in cfg["modules_to_save"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    assert float((loaded(IDS).logits.detach() - y).abs().max() / y.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_the_models_own_save_pretrained_writes_the_merged_model(tmp_path, make):
+    model = wrap(make(), r=4)
+    relora_ext.hf.install_save_hook(model)     # what wrap installs
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
+    train(model, opt, 3)          # one cycle done, and an unmerged update since
+    y = model(IDS).logits.detach()
+    model.save_pretrained(tmp_path / "m")
+    loaded, info = type(model).from_pretrained(tmp_path / "m", output_loading_info=True)
+    assert not any(info.values()), info                     # no missing, unexpected or mismatched keys
+    torch.testing.assert_close(loaded.eval()(IDS).logits, y, rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(model)                            # the hook follows a copy
+    twin.save_pretrained(tmp_path / "t")
+    assert not type(model).from_pretrained(tmp_path / "t", output_loading_info=True)[1]["unexpected_keys"]
+    relora_ext.hf.remove_save_hook(model)
+    assert "save_pretrained" not in model.__dict__
+
+
 # -- training loop integration ----------------------------------------------------------------------------
 
 

@@ -1,0 +1,202 @@
+"""ReLoRA* on PEFT's own LoRA layers (issue 21): the views of relora_ext.peft_layers cycled by the cycle
+(merge into PEFT's base weight, Philox re-draw of A, B zeroed, state pruned), checked against the same
+work done with plain torch; what a merge would get wrong is refused, naming the option and the layer."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from relora_ext import CycleRefused, ops
+from relora_ext.cycle import CycleSettings, LocalLayer, reset_offset, run_cycle
+from relora_ext.peft_layers import PeftLoRAView, lora_views
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, vocab_size=64, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def peft_llama(**kw):
+    kw.setdefault("target_modules", "all-linear")
+    return peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, **kw))
+
+
+def cycle(model, opt, c, settings):
+    views = lora_views(model)
+    return run_cycle(views, [LocalLayer] * len(views), opt.state, settings, c)
+
+
+# -- the plain-torch reference -----------------------------------------------------------------------------
+
+
+def reference_prune_(t, ratio):
+    """Keep the n - floor(ratio n) largest |t|, ties to the lower flat index (a stable descending sort)."""
+    flat = t.view(-1)
+    keep = flat.numel() - math.floor(ratio * flat.numel())
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[:keep]] = True
+    flat.masked_fill_(~mask, 0)
+
+
+@torch.no_grad()
+def reference_cycle(model, opt, c, ratio):
+    """The ReLoRA* cycle on PEFT's tensors in plain torch: W += s·B·A (float64 sum, one rounding), A re-drawn
+    (the Philox draw of layer ℓ at cycle c, taken from ops.reset_ on a scratch copy), B = 0, Adam state of A
+    and B magnitude-pruned, exp_avg zeroed where exp_avg_sq was."""
+    lora = [m for m in model.modules() if isinstance(m, peft.tuners.lora.Linear)]
+    for li, m in enumerate(lora):
+        A, B, W = m.lora_A["default"].weight, m.lora_B["default"].weight, m.base_layer.weight
+        W.copy_((W.double() + m.scaling["default"] * (B.double() @ A.double())).to(W.dtype))
+        drawn, zeroed = torch.empty_like(A), torch.empty_like(B)
+        ops.reset_(drawn, zeroed, std=1 / math.sqrt(3 * A.shape[1]), seed=0, offset=reset_offset(li, c))
+        A.copy_(drawn)
+        B.zero_()
+        for p in (A, B):
+            st = opt.state[p]
+            for k in ("exp_avg", "exp_avg_sq"):
+                reference_prune_(st[k], ratio)
+            st["exp_avg"].masked_fill_(st["exp_avg_sq"] == 0, 0)
+
+
+def test_three_cycles_equal_a_plain_torch_reference():
+    model = peft_llama()
+    ref = copy.deepcopy(model)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, ref)]
+    settings = CycleSettings(reset_every=3)
+    for c in range(3):
+        for m, opt in zip((model, ref), opts):
+            for _ in range(3):
+                m(IDS, labels=IDS).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        y = model(IDS).logits.detach()
+        result = cycle(model, opts[0], c, settings)
+        reference_cycle(ref, opts[1], c, settings.prune_ratio)
+        torch.testing.assert_close(model(IDS).logits, y, rtol=1e-5, atol=1e-5)   # function kept by the cycle
+        assert 0 < result.kept < result.total
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+        if "lora_B" in n:
+            assert not p.any()           # zeroed by the last cycle
+    for p, q in zip(model.parameters(), ref.parameters()):
+        for k, v in opts[0].state[p].items():
+            torch.testing.assert_close(v, opts[1].state[q][k], rtol=1e-5, atol=1e-7)
+    assert all(float(t.detach().std()) > 0 for n, t in model.named_parameters() if "lora_A" in n)
+
+
+def test_views_are_peft_tensors_and_stay_out_of_the_model():
+    model = peft_llama()
+    keys = list(model.state_dict())
+    views = lora_views(model)
+    assert len(views) == 14 and views == lora_views(model)        # one view per layer, kept
+    assert [n for n, _ in views] == [n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.Linear)]
+    name, v = views[0]
+    layer = model.get_submodule(name)
+    assert v.lora_A is layer.lora_A["default"].weight and v.lora_B is layer.lora_B["default"].weight
+    assert v.weight is layer.base_layer.weight and v.scaling == 2.0 and v.cycled == ("lora_A", "lora_B")
+    assert v.init_std == pytest.approx(float(1 / math.sqrt(3 * 32)))
+    assert list(model.state_dict()) == keys and not any(isinstance(m, PeftLoRAView) for m in model.modules())
+    twin = copy.deepcopy(model)                                    # a copy's views point at the copy
+    assert lora_views(twin)[0][1].lora_A is twin.get_submodule(name).lora_A["default"].weight
+
+
+def test_gpt2_conv1d_fan_in_fan_out_merges_into_the_transposed_weight():
+    model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"],
+                                                             fan_in_fan_out=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    layer = model.get_submodule(lora_views(model)[0][0])
+    expect = layer.base_layer.weight.detach() + layer.get_delta_weight("default")   # PEFT's own merge, (in, out)
+    y = model(IDS).logits.detach()
+    cycle(model, opt, 0, CycleSettings(reset_every=2))
+    torch.testing.assert_close(layer.base_layer.weight, expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(IDS).logits, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_bitsandbytes_base_is_requantized(kind):
+    pytest.importorskip("bitsandbytes")
+    from relora_ext.quantized import dequantize, requantize_
+    from test_quantized import quantized
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(nn.Sequential(quantized(kind, nn.Linear(64, 48)), nn.Tanh(), nn.Linear(48, 8)),
+                                peft.LoraConfig(r=4, target_modules=["0"]))
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    for _ in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    (name, v), = lora_views(model)
+    base = v.base_layer
+    probe = quantized(kind, nn.Linear(64, 48))
+    requantize_(probe, dequantize(base) + v.scaling * v.lora_B.detach() @ v.lora_A.detach())
+    cycle(model, opt, 0, CycleSettings(reset_every=3))
+    assert torch.equal(dequantize(base), dequantize(probe)) and not v.lora_B.any()
+
+
+# -- refusals ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: peft_llama(use_dora=True), "use_dora=True"),
+    (lambda: peft_llama(lora_bias=True), "lora_bias=True"),
+    (lambda: peft_llama(target_modules=["embed_tokens", "q_proj"]), "model.embed_tokens.*Embedding.*target_modules"),
+])
+def test_what_a_merge_gets_wrong_is_refused_naming_the_option(build, match):
+    with pytest.raises(ValueError, match=match):
+        lora_views(build())
+
+
+def test_several_active_adapters_or_a_merged_adapter_are_refused():
+    model = peft_llama(target_modules=["q_proj"])
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match=r"several adapters are active \(\['default', 'other'\]\).*set_adapter"):
+        lora_views(model)
+    model.base_model.set_adapter("other")
+    assert [v.adapter for _, v in lora_views(model)] == ["other", "other"]
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged into the base weight.*unmerge_adapter"):
+        lora_views(model)
+
+
+def test_a_refused_cycle_changes_nothing():
+    model = peft_llama(target_modules=["q_proj", "v_proj"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    views = lora_views(model)
+    views[-1][1].lora_B.data[0, 0] = float("nan")
+    with model.disable_adapter():                                   # PEFT's state is read at every check
+        assert "disabled" in views[0][1].check()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters() if p in opt.state]
+    with pytest.raises(CycleRefused, match=f"{views[-1][0]}.*lora_B holds non-finite"):
+        cycle(model, opt, 0, CycleSettings(reset_every=1))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all()
+    for st, p in zip(state, [p for p in model.parameters() if p in opt.state]):
+        assert all(torch.equal(v, opt.state[p][k]) for k, v in st.items())
