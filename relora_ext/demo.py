@@ -30,6 +30,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -192,10 +193,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         opt = ReLoRAOptimizer(inner, model, reset_every=reset_every, prune=args.prune,
                               prune_ratio=args.prune_ratio, seed=args.seed)
-    sched = JaggedCosineLR(opt, total_steps=args.steps, warmup_steps=min(args.warmup, args.steps - 1),
-                           cycle_length=max(reset_every, args.warmup),
-                           restart_warmup_steps=min(args.restart_warmup, reset_every),
-                           min_lr_ratio=args.min_lr_ratio)
+    with warnings.catch_warnings():
+        if args.mode != "relora":  # no resets by design: the schedule's "plain LoRA training" warning is moot
+            warnings.filterwarnings("ignore", message="JaggedCosineLR: total_steps=")
+        # the re-warmups follow the resets: cycle_length = reset_every, the first warmup done by the first reset
+        sched = JaggedCosineLR(opt, total_steps=args.steps, warmup_steps=min(args.warmup, args.steps - 1, reset_every),
+                               cycle_length=reset_every, restart_warmup_steps=min(args.restart_warmup, reset_every),
+                               min_lr_ratio=args.min_lr_ratio)
 
     print(f"relora_ext demo: TinyLlama dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} "
           f"params={n_params / 1e6:.2f}M trainable={n_trainable / 1e6:.2f}M | mode={args.mode} r={args.rank} "

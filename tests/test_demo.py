@@ -4,6 +4,7 @@ import gzip
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -57,3 +58,16 @@ def test_demo_runs_as_module(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "done: val loss" in r.stdout
     assert json.loads((tmp_path / "summary.json").read_text())["cycles_done"] == 0
+
+
+@pytest.mark.parametrize("mode, reset_every", [("full", "3"), ("lora", "3"), ("relora", "2")])
+def test_demo_schedule_follows_its_resets_without_a_stray_warning(tmp_path, mode, reset_every):
+    args = TINY + ["--mode", mode, "--reset-every", reset_every, "--warmup", "5", "--out-dir", str(tmp_path)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = demo.main(args)
+    assert not [str(w.message) for w in caught if "JaggedCosineLR" in str(w.message)]
+    if mode == "relora":      # --reset-every 2 < --warmup 5: the re-warmups still follow the resets
+        assert summary["cycles_done"] == 3
+        lrs = {h["step"]: h["lr"] for h in summary["history"]}
+        assert lrs[6] == 0.0  # step 6 ends a cycle: the LR restarts from 0 there
