@@ -138,14 +138,15 @@ def main(argv=None):
         x, y = lm_batch(train_data, starts[rank * per_rank:(rank + 1) * per_rank], args.seq_len)
         loss = F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten())
         loss.backward()
-        opt.step()
+        lr = opt.param_groups[0]["lr"]   # the rate this step trains with (after sched.step() it is the next one's,
+        opt.step()                       # 0 right after each reset)
         sched.step()
         opt.zero_grad(set_to_none=True)
         g = loss.detach().clone()
         dist.all_reduce(g)
         window.append(g.item() / world)
         if rank == 0 and (step % args.log_every == 0 or step == args.steps):
-            print(f"step {step:5d} | loss {sum(window) / len(window):.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
+            print(f"step {step:5d} | loss {sum(window) / len(window):.4f} | lr {lr:.2e} | "
                   f"cycles {getattr(opt, 'cycles_done', 0)} | {time.perf_counter() - t0:.1f} s", flush=True)
             window = []
 

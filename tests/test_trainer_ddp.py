@@ -50,3 +50,15 @@ def test_two_process_trainer_cycles_identically_and_resumes_exactly(tmp_path):
     wrapped.load_state_dict(ref)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(plain.eval()(ids).logits, wrapped.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_train_ddp_logs_the_rate_each_step_trained_with():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "train_ddp.py"), "--steps", "20", "--reset-every", "5", "--log-every", "5",
+           "--dim", "32", "--layers", "1", "--heads", "2", "--rank", "4", "--seq-len", "16", "--batch-size", "4",
+           "--warmup", "2", "--restart-warmup", "2", "--eval-windows", "0", "--threads", "1"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lrs = [float(line.split("| lr ")[1].split()[0]) for line in run.stdout.splitlines() if "| lr " in line]
+    assert len(lrs) == 4 and all(lr > 0 for lr in lrs), run.stdout    # each line ends a cycle: not its next LR, 0
