@@ -26,6 +26,15 @@ class CycleRefused(ValueError):
     anything; the message says why. Defined here, at the bottom of the package, so every module can raise it."""
 
 
+def is_dtensor(t) -> bool:
+    """``True`` when ``t`` is a :class:`torch.distributed.tensor.DTensor` (e.g. an FSDP2 parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 # -- plain values -----------------------------------------------------------------------------------
 
 
@@ -45,12 +54,16 @@ def check_float(where: str, name: str, v, *, lo: float = -math.inf, hi: float = 
     """``v`` as a finite float in the interval given by ``lo``/``hi`` (open ends as flagged)."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{where}: {name} must be a real number, got {type(v).__name__} ({v!r})")
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond a double's range (10**400)
+        f = math.inf if v > 0 else -math.inf
     ok = math.isfinite(f) and (f > lo if lo_open else f >= lo) and (f < hi if hi_open else f <= hi)
     if not ok:
         left = "(" if lo_open or lo == -math.inf else "["
         right = ")" if hi_open or hi == math.inf else "]"
-        raise ValueError(f"{where}: {name} must be a finite number in {left}{lo}, {hi}{right}, got {v!r}")
+        given = repr(v) if len(repr(v)) <= 40 else f"an int of {len(str(abs(v)))} digits"
+        raise ValueError(f"{where}: {name} must be a finite number in {left}{lo}, {hi}{right}, got {given}")
     return f
 
 

@@ -12,7 +12,6 @@ Its subclasses say which tensors the merge and the reset take (:meth:`LowRankAda
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -87,10 +86,14 @@ class LowRankAdapter(CycledLayer):
 
     @init_std.setter
     def init_std(self, value) -> None:
-        # a reset draws |x| < 6·std in the factors' dtype (ops.reset_): bounded so the draw stays finite
-        drawn = self.reset_operands()[0]
-        hi = min(F32_MAX, torch.finfo(drawn.dtype).max / 6) if drawn.dtype.is_floating_point else F32_MAX
-        self._init_std = check_float(type(self).__name__, "init_std", value, lo=0.0, hi=hi)
+        self._init_std = self.valid_init_std(type(self).__name__, value, self.reset_operands()[0].dtype)
+
+    @staticmethod
+    def valid_init_std(where: str, value, dtype: torch.dtype) -> float:
+        """``value`` as an ``init_std`` for factors of ``dtype``: a reset draws ``|x| < 6·std`` in that dtype
+        (:func:`relora_ext.ops.reset_`), so the bound keeps the draw finite."""
+        hi = min(F32_MAX, torch.finfo(dtype).max / 6) if dtype.is_floating_point else F32_MAX
+        return check_float(where, "init_std", value, lo=0.0, hi=hi)
 
     # -- what subclasses say ------------------------------------------------------------------------
 
@@ -182,7 +185,3 @@ class LowRankAdapter(CycledLayer):
         W, A, B = self.merge_operands()
         ops.merge_(W, A, B, self.scaling, rounding=rounding, seed=0 if seed is None and rounding == "nearest" else seed)
 
-
-def fan_in_std(fan_in: int) -> float:
-    """The default ``init_std``: ``1 / sqrt(fan_in)``."""
-    return 1.0 / math.sqrt(fan_in)

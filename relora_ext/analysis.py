@@ -28,6 +28,7 @@ from torch import nn
 from .cycle import cycled_layers
 from .lora import LoRALinear
 from .model import lora_layers
+from .sst import SSTLinear
 
 __all__ = ["effective_rank", "update_spectrum", "UpdateTracker", "TrainingStats", "optimizer_state_bytes"]
 
@@ -39,7 +40,7 @@ __all__ = ["effective_rank", "update_spectrum", "UpdateTracker", "TrainingStats"
 
 def _effective_weight(layer: nn.Module) -> torch.Tensor:
     """The weight a layer applies, ``(out, in)``, in fp32: ``W + s·B·A`` for a LoRALinear, ``W`` otherwise."""
-    if hasattr(layer, "weight_sst"):  # SSTLinear: U diag(Σ) Vᵀ
+    if isinstance(layer, SSTLinear):  # U diag(Σ) Vᵀ
         return layer.weight_sst().float()
     if isinstance(layer, LoRALinear):
         w = layer.weight.detach().float()

@@ -59,9 +59,11 @@ def _remove_stale_temporaries(path: str) -> None:
     """Remove the temporary files of :func:`atomic_save` for ``path`` whose writing process is gone."""
     directory, base = os.path.split(os.path.abspath(path))
     for tmp in glob.glob(os.path.join(glob.escape(directory), glob.escape(f".{base}.") + "*.tmp")):
-        pid = os.path.basename(tmp)[len(base) + 2:].split(".", 1)[0]
-        if not pid.isdigit():
+        # ".{base}.{pid}.{random}.tmp" exactly: ".ckpt.1000.pt.{pid}.{random}.tmp" belongs to "ckpt.1000.pt"
+        parts = os.path.basename(tmp)[len(base) + 2:-len(".tmp")].split(".")
+        if len(parts) != 2 or not parts[0].isdigit():
             continue
+        pid = parts[0]
         try:
             os.kill(int(pid), 0)
             continue  # its writer still runs
@@ -241,6 +243,28 @@ def get_rng_state() -> Dict[str, Any]:
     return state
 
 
+def check_rng_state(state: Any, where: str) -> None:
+    """Raise :class:`ValueError` if :func:`set_rng_state` would refuse ``state``; changes nothing (each entry
+    is tried on a generator of its own)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: the RNG state must be a dict, got {type(state).__name__}")
+    try:
+        if "torch" in state:
+            torch.Generator().set_state(state["torch"])
+        if "python" in state:
+            py = state["python"]
+            random.Random().setstate((py[0], tuple(py[1]), py[2]))
+        if "cuda" in state and torch.cuda.is_available():
+            cuda = state["cuda"]
+            if not isinstance(cuda, (list, tuple)) or len(cuda) != torch.cuda.device_count():
+                raise ValueError(f"{len(cuda) if isinstance(cuda, (list, tuple)) else type(cuda).__name__} CUDA "
+                                 f"states for {torch.cuda.device_count()} devices")
+            for i, t in enumerate(cuda):
+                torch.Generator(device=f"cuda:{i}").set_state(t)
+    except Exception as e:  # noqa: BLE001 - whatever the generators refuse
+        raise ValueError(f"{where}: the checkpoint's RNG state cannot be restored ({type(e).__name__}: {e})") from None
+
+
 def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore what :func:`get_rng_state` returned (missing entries are left alone)."""
     if "torch" in state:
@@ -283,12 +307,17 @@ def _check_model_state(model: torch.nn.Module, saved: Dict[str, Any], strict: bo
                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     for k in sorted(set(current) & set(saved)):
         a, b = current[k], saved[k]
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and tuple(a.shape) != tuple(b.shape):
+        if isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+            raise ValueError(f"{where}: {k!r} is a {type(b).__name__} in the checkpoint but a tensor in the model")
+        if isinstance(a, torch.Tensor) and tuple(a.shape) != tuple(b.shape):
             raise ValueError(f"{where}: {k!r} has shape {tuple(b.shape)} in the checkpoint but {tuple(a.shape)} "
                              "in the model")
 
 
-def _check_adapters(model: torch.nn.Module, saved: Dict[str, Any], where: str) -> None:
+def _check_adapters(model: torch.nn.Module, saved: Any, where: str) -> None:
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: the checkpoint holds no adapter settings (got {type(saved).__name__}); it was "
+                         "not written by save_checkpoint")
     current = adapter_settings(model)
     for name in sorted(set(current) | set(saved)):
         if name not in saved:
@@ -299,6 +328,30 @@ def _check_adapters(model: torch.nn.Module, saved: Dict[str, Any], where: str) -
             if current[name].get(k) != v:
                 raise ValueError(f"{where}: layer {name!r} was saved with {k}={v!r} but the model has "
                                  f"{k}={current[name].get(k)!r}; wrap the model with the saved settings")
+
+
+def _check_like(current: Any, saved: Any, what: str, name: str) -> None:
+    """``saved`` must have the structure of ``current`` (a scheduler's or a scaler's own ``state_dict()``): the
+    same keys, and values of the same kind (numbers, strings, containers, tensors), so that its
+    ``load_state_dict`` cannot fail halfway or load junk."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{what} is a {type(saved).__name__}, expected a dict")
+    if current and not saved:
+        hint = " (a GradScaler saved while disabled, loaded into an enabled one?)" if name == "scaler" else ""
+        raise ValueError(f"{what} is empty{hint}")
+    if set(saved) != set(current):
+        raise ValueError(f"{what} has keys {sorted(map(str, saved))}, this {name} has {sorted(map(str, current))}")
+    for k, v in current.items():
+        w = saved[k]
+        if callable(v):  # a lambda factor and the like: not part of a saved state
+            continue
+        kinds = [(bool,), (int, float), (str,), (type(None),), (list, tuple), (dict,), (torch.Tensor,)]
+        kind = next((t for t in kinds if isinstance(v, t)), None)
+        if kind is not None and not isinstance(w, kind) and not (isinstance(v, type(None)) or isinstance(w, type(None))):
+            raise ValueError(f"{what}: {k!r} is a {type(w).__name__} ({w!r:.60}), this {name} holds a "
+                             f"{type(v).__name__}")
+        if kind == (bool,) and not isinstance(w, bool) or kind == (int, float) and isinstance(w, bool):
+            raise ValueError(f"{what}: {k!r} is {w!r}, this {name} holds {type(v).__name__} {v!r}")
 
 
 def _check_optimizer(optimizer, state_dict, saved_type: Optional[str], where: str) -> None:
@@ -401,7 +454,7 @@ def load_checkpoint(
         saved_digest = ckpt.pop("sha256", None)
         if saved_digest != _digest(ckpt):
             raise ValueError(f"{where}: {path!r} is corrupted: its content does not match its SHA-256 digest")
-        _check_adapters(model, ckpt["adapters"], where)
+        _check_adapters(model, ckpt.get("adapters"), where)
     types = ckpt.get("types", {})
     targets = [(name, obj) for name, obj in (("optimizer", optimizer), ("scheduler", scheduler),
                                              ("scaler", scaler)) if obj is not None]
@@ -415,6 +468,10 @@ def load_checkpoint(
         if obj is not None and types.get(name, type(obj).__qualname__) != type(obj).__qualname__:
             raise ValueError(f"{where}: the {name} state was saved from a {types[name]}, the {name} given is a "
                              f"{type(obj).__qualname__}")
+        if obj is not None:
+            _check_like(obj.state_dict(), ckpt[name], f"{where}: the {name} state", name)
+    if rng and "rng" in ckpt:
+        check_rng_state(ckpt["rng"], where)
     # every check passed: load
     model.load_state_dict(ckpt["model"], strict=strict)
     for name, obj in targets:

@@ -20,16 +20,17 @@ so they refuse together. The work itself goes through a backend chosen once per 
 from __future__ import annotations
 
 import dataclasses
-import math
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import ops
-from ._checks import F32_MAX, FLOAT_DTYPES, CycleRefused, check_bool, check_choice, check_float, check_int, check_u64
+from ._checks import FLOAT_DTYPES, CycleRefused, check_bool, check_choice, check_float, check_int, check_u64, is_dtensor
 from .adapter import ROUNDINGS, CycledLayer
-from .distributed import _shard_layout, is_dtensor, merge_and_reset_sharded_, prune_sharded_
+from .distributed import _shard_layout, merge_and_reset_sharded_, prune_sharded_
+from .peft_layers import lora_views
 from .sst import SSTLinear, sample_offset
 
 __all__ = [
@@ -255,8 +256,12 @@ class SSTLayer:
 
 def cycled_layers(model) -> List[Tuple[str, Any]]:
     """The ``(name, layer)`` pairs a cycle works on, in ``named_modules`` order (the layer index ``ℓ``):
-    every :class:`~relora_ext.adapter.CycledLayer` (LoRALinear, its quantized kind, SSTLinear)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, CycledLayer)]
+    every :class:`~relora_ext.adapter.CycledLayer` (LoRALinear, its quantized kind, LoRAEmbedding, SSTLinear)
+    and, in a PEFT model, a :class:`~relora_ext.peft_layers.PeftLoRAView` of every active PEFT LoRA layer
+    (:func:`~relora_ext.peft_layers.lora_views` refuses what a cycle would get wrong, naming the option)."""
+    peft = dict(lora_views(model)) if "peft" in sys.modules else {}  # no PEFT imported: no PEFT layer
+    return [(n, m if isinstance(m, CycledLayer) else peft[n]) for n, m in model.named_modules()
+            if isinstance(m, CycledLayer) or n in peft]
 
 
 def backend_for(layer):

@@ -52,6 +52,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import ops
+from ._checks import is_dtensor
+from .sst import SSTLinear
 
 __all__ = [
     "is_distributed", "is_dtensor", "fingerprint", "check_consistency", "draw_hashes",
@@ -78,15 +80,6 @@ def is_distributed(group=None) -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def is_dtensor(t) -> bool:
-    """``True`` when ``t`` is a :class:`torch.distributed.tensor.DTensor` (e.g. an FSDP2 parameter)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def keep_count(n: int, ratio: float) -> int:
@@ -179,7 +172,7 @@ def fingerprint(opt) -> Dict[str, Any]:
         "layers": len(opt.model_layers),
     }
     for i, (name, layer) in enumerate(opt.model_layers):
-        w = layer.sigma if hasattr(layer, "sigma") else layer.weight
+        w = layer.sigma if isinstance(layer, SSTLinear) else layer.weight
         placements = tuple(str(p) for p in w.placements) if is_dtensor(w) else ()
         fp[f"layer[{i}]"] = (_canonical_name(name), type(layer).__name__, tuple(w.shape), int(layer.r),
                              getattr(layer, "alpha", None), getattr(layer, "init_std", None), str(w.dtype), placements)
@@ -201,7 +194,7 @@ def draw_hashes(opt, full_A: Optional[Sequence[torch.Tensor]] = None) -> Dict[st
     """
     out: Dict[str, Any] = {}
     for i, (_, layer) in enumerate(opt.model_layers):
-        if hasattr(layer, "sigma"):  # SST: the sampled directions and the spectrum
+        if isinstance(layer, SSTLinear):  # SST: the sampled directions and the spectrum
             out[f"U_active[{i}] after resample"] = _tensor_hash(layer.U_active)
             out[f"sigma[{i}]"] = _tensor_hash(layer.sigma)
             continue

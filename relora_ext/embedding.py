@@ -35,6 +35,12 @@ from .adapter import LowRankAdapter
 __all__ = ["LoRAEmbedding"]
 
 
+def refuse_embedding_options(where: str, emb: nn.Embedding) -> None:
+    """Refuse an ``emb`` using nn.Embedding options whose meaning does not carry over to a frozen table plus a
+    low-rank update (:func:`relora_ext.wrap` asks before it changes anything)."""
+    _refuse_options(where, emb.max_norm, emb.scale_grad_by_freq, emb.sparse)
+
+
 def _refuse_options(where: str, max_norm, scale_grad_by_freq, sparse) -> None:
     """nn.Embedding options whose meaning does not carry over to a frozen table plus a low-rank update."""
     if max_norm is not None:
@@ -154,7 +160,7 @@ class LoRAEmbedding(LowRankAdapter):
         where = "LoRAEmbedding.from_embedding"
         if not isinstance(emb, nn.Embedding):
             raise TypeError(f"{where}: emb must be an nn.Embedding, got {type(emb).__name__}")
-        _refuse_options(where, emb.max_norm, emb.scale_grad_by_freq, emb.sparse)
+        refuse_embedding_options(where, emb)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         requires_grad = emb.weight.requires_grad

@@ -143,6 +143,9 @@ class LoRALinear(LowRankAdapter):
         self.r = check_rank(where, r, self.in_features, self.out_features)
         self.alpha = float(self.r) if alpha is None else alpha  # validated by the property (float32 range)
         p = check_float(where, "dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
+        if init_std is None:
+            init_std = 1.0 / math.sqrt(self.in_features)
+        init_std = self.valid_init_std(where, init_std, weight.dtype)  # before the weight is touched
         if weight_dtype is not None and weight_dtype not in FLOAT_DTYPES:
             raise TypeError(f"{where}: weight_dtype must be None or one of "
                             f"{', '.join(str(d) for d in FLOAT_DTYPES)}, got {weight_dtype!r}")
@@ -159,7 +162,7 @@ class LoRALinear(LowRankAdapter):
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **factory))
         self.dropout = p
-        self.init_std = 1.0 / math.sqrt(self.in_features) if init_std is None else init_std
+        self.init_std = init_std
         self.reset_lora_parameters()
 
     @classmethod

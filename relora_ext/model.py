@@ -24,8 +24,9 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import F32_MAX, FLOAT_DTYPES, CycleRefused, check_bool, check_float, check_int, check_rank
+from ._checks import F32_MAX, FLOAT_DTYPES, check_bool, check_float, check_int, check_rank
 from .adapter import CycledLayer
+from .embedding import LoRAEmbedding, refuse_embedding_options
 from .lora import LoRALinear, is_conv1d
 from .quantized import QuantizedLoRALinear, is_quantized
 from .sst import SSTLinear
@@ -59,14 +60,33 @@ def _name_matches(name: str, module: nn.Module, selector, arg: str) -> bool:
 
 def _kind(mod: nn.Module) -> Optional[str]:
     """What :func:`wrap` makes of a module: ``"linear"``, ``"conv1d"``, ``"quantized"`` (bitsandbytes
-    ``Linear4bit``/``Linear8bitLt``) or ``None`` (not a candidate)."""
+    ``Linear4bit``/``Linear8bitLt``), ``"embedding"`` (adapted only when named) or ``None`` (not a candidate)."""
     if type(mod) is nn.Linear:
         return "linear"
+    if type(mod) is nn.Embedding:
+        return "embedding"
     if is_conv1d(mod):
         return "conv1d"
     if isinstance(mod, nn.Linear) and type(mod).__module__.startswith("bitsandbytes"):
         return "quantized" if is_quantized(mod) else None
     return None
+
+
+def _storage_key(p: torch.Tensor):
+    """What identifies the memory of ``p``: two Parameters over one storage (``dec.weight =
+    nn.Parameter(enc.weight.t())``) are tied as surely as one Parameter used twice."""
+    if p.device.type == "meta" or p.numel() == 0:
+        return ("id", id(p))
+    return (p.device, p.untyped_storage().data_ptr())
+
+
+def _owners(model: nn.Module) -> dict:
+    """storage key -> {id(module): first name} of every module holding a parameter over that memory."""
+    owners: dict = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(_storage_key(p), {}).setdefault(id(mod), name)
+    return owners
 
 
 def _default_excluded(model: nn.Module, owners: dict) -> set:
@@ -82,7 +102,7 @@ def _default_excluded(model: nn.Module, owners: dict) -> set:
             excluded.add(id(head))
     for name, mod in model.named_modules():
         if _kind(mod) is not None:
-            if len(owners.get(id(mod.weight), ())) > 1:
+            if len(owners.get(_storage_key(mod.weight), ())) > 1:
                 excluded.add(id(mod))
             if name.rsplit(".", 1)[-1] in _HEAD_NAMES:
                 excluded.add(id(mod))
@@ -153,6 +173,9 @@ _ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 
 def _config(config: Optional[ReLoRAConfig], kwargs: dict) -> ReLoRAConfig:
+    if isinstance(config, int) and not isinstance(config, bool):
+        raise TypeError(f"wrap: the second positional argument is a ReLoRAConfig, got the int {config}; "
+                        f"pass the rank by name: wrap(model, r={config})")
     if config is not None and not isinstance(config, ReLoRAConfig):
         raise TypeError(f"wrap: config must be a ReLoRAConfig, got {type(config).__name__}")
     fields = {}
@@ -178,8 +201,9 @@ def _refuse_foreign_wrappers(model: nn.Module) -> None:
         cls = type(mod)
         if cls.__module__.startswith("peft.") or hasattr(mod, "peft_config"):
             raise ValueError(
-                f"wrap: {type(model).__name__} carries PEFT adapters ({name or 'the model'}: {cls.__name__}); merge "
-                "them first (model = model.merge_and_unload()) or start from the base model")
+                f"wrap: {type(model).__name__} carries PEFT adapters ({name or 'the model'}: {cls.__name__}); it needs "
+                "no wrap: ReLoRA* cycles PEFT's own LoRA layers. Build the optimizer on it directly: "
+                "relora_ext.ReLoRAOptimizer(torch.optim.AdamW(peft_model.parameters()), peft_model, reset_every=...)")
         if cls.__name__.startswith("FSDP") or cls.__name__ == "FullyShardedDataParallel":
             raise ValueError(f"wrap: {name or 'the model'} is already sharded ({cls.__name__}); call relora_ext.wrap "
                              "before fully_shard / FSDP, and build the optimizer after sharding")
@@ -259,26 +283,29 @@ def wrap(
     if type(model) is nn.Linear:  # the model is one layer: it cannot be replaced in place, return its adapter
         return _adapter(model, cfg, settings)
     _refuse_foreign_wrappers(model)
-    owners: dict = {}  # id(parameter) -> {id(module): name} of every module holding it
-    for name, mod in model.named_modules(remove_duplicate=False):
-        for p in mod.parameters(recurse=False):
-            owners.setdefault(id(p), {}).setdefault(id(mod), name)
+    owners = _owners(model)
     target = None if cfg.target_modules == "all-linear" else cfg.target_modules
     default_excluded = _default_excluded(model, owners) if target is None else set()
-    candidates = []
-    chosen = {}  # id -> (first name, module); a module used at several places is adapted once
-    for name, mod in model.named_modules():
+    names: dict = {}  # id(module) -> (module, every name it has); a module used at several places is adapted once
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), (mod, []))[1].append(name)
+    candidates, chosen = [], {}  # chosen: id -> (first name, module)
+    for mod, mod_names in names.values():
         kind = _kind(mod)
-        if kind is None:
-            continue
-        candidates.append(name)
-        ok = id(mod) not in default_excluded if target is None else _name_matches(name, mod, target, "target_modules")
-        if ok and cfg.exclude_modules is not None and _name_matches(name, mod, cfg.exclude_modules, "exclude_modules"):
+        if kind is None or (kind == "embedding" and not isinstance(target, (list, tuple, set, frozenset))):
+            continue  # an embedding is adapted only when a name in target_modules names it
+        candidates.append(mod_names[0])
+        if target is None:
+            ok = id(mod) not in default_excluded
+        else:
+            ok = any(_name_matches(n, mod, target, "target_modules") for n in mod_names)
+        if ok and cfg.exclude_modules is not None and any(
+                _name_matches(n, mod, cfg.exclude_modules, "exclude_modules") for n in mod_names):
             ok = False
         if ok:
-            chosen[id(mod)] = (name, mod)
+            chosen[id(mod)] = (mod_names[0], mod)
     if not chosen:
-        wrapped = [m for m in model.modules() if isinstance(m, (LoRALinear, SSTLinear))]
+        wrapped = [m for m in model.modules() if isinstance(m, CycledLayer)]
         if wrapped:
             kinds = sorted({type(m).__name__ for m in wrapped})
             raise ValueError(f"wrap: {type(model).__name__} is already wrapped ({len(wrapped)} {'/'.join(kinds)} "
@@ -289,14 +316,19 @@ def wrap(
             f"target_modules={cfg.target_modules!r}, exclude_modules={cfg.exclude_modules!r}; candidates "
             f"present: [{shown}]"
         )
+    if isinstance(target, (list, tuple, set, frozenset)):
+        _refuse_unadaptable_targets(target, names, chosen)
     # Check every chosen layer before changing any (a refused wrap leaves the model as it was).
     for name, mod in chosen.values():
-        sharers = [n for mid, n in owners[id(mod.weight)].items() if mid != id(mod)]
+        sharers = [n for mid, n in owners[_storage_key(mod.weight)].items() if mid != id(mod)]
         if sharers:
             raise ValueError(
-                f"wrap: cannot adapt layer {name!r}: its weight is shared with {sharers} (tied weights); a merge "
+                f"wrap: cannot adapt layer {name!r}: its weight shares memory with {sharers} (tied weights); a merge "
                 "would change those modules too. Leave it out (exclude_modules) or untie the weights first")
-        out_f, in_f = (mod.nf, mod.nx) if is_conv1d(mod) else (mod.out_features, mod.in_features)
+        if _kind(mod) == "embedding":
+            out_f, in_f = mod.num_embeddings, mod.embedding_dim
+        else:
+            out_f, in_f = (mod.nf, mod.nx) if is_conv1d(mod) else (mod.out_features, mod.in_features)
         try:
             check_rank("SSTLinear.from_linear" if cfg.method == "sst" else "LoRALinear.from_linear", cfg.r, in_f, out_f)
         except ValueError as e:
@@ -307,6 +339,8 @@ def wrap(
         if cfg.method == "sst" and _kind(mod) != "linear":
             raise ValueError(f"wrap: cannot adapt layer {name!r} with method='sst': it is a {type(mod).__name__}; "
                              "SST takes nn.Linear layers (leave it out with exclude_modules)")
+        if _kind(mod) == "embedding":
+            refuse_embedding_options(f"wrap: cannot adapt layer {name!r}", mod)
     new = {}
     for key, (name, mod) in chosen.items():
         new[key] = _adapter(mod, cfg, settings)
@@ -316,8 +350,7 @@ def wrap(
             if id(child) in new:
                 setattr(parent, child_name, new[id(child)])
     if cfg.freeze_others:
-        adapter_params = ("sigma", "U_active", "V_active") if cfg.method == "sst" else ("lora_A", "lora_B")
-        keep = {id(getattr(layer, n)) for layer in new.values() for n in adapter_params}
+        keep = {id(getattr(layer, n)) for layer in new.values() for n in layer.trained}
         for name, mod in model.named_modules():
             if cfg.modules_to_save and _name_matches(name, mod, list(cfg.modules_to_save), "modules_to_save"):
                 keep.update(id(p) for p in mod.parameters())
@@ -328,12 +361,30 @@ def wrap(
 
 
 def _adapter(mod: nn.Module, cfg: ReLoRAConfig, settings: dict) -> nn.Module:
-    """The module that replaces ``mod``: an SSTLinear, a QuantizedLoRALinear or a LoRALinear."""
+    """The module that replaces ``mod``: an SSTLinear, a QuantizedLoRALinear, a LoRAEmbedding or a LoRALinear."""
     if cfg.method == "sst":
         return SSTLinear.from_linear(mod, r=cfg.r, weight_dtype=cfg.weight_dtype)
     if _kind(mod) == "quantized":
         return QuantizedLoRALinear.from_quantized(mod, **settings)
+    if _kind(mod) == "embedding":
+        return LoRAEmbedding.from_embedding(mod, **{k: v for k, v in settings.items() if k != "dropout"})
     return LoRALinear.from_linear(mod, **settings)
+
+
+def _refuse_unadaptable_targets(target, names: dict, chosen: dict) -> None:
+    """A ``target_modules`` entry that names modules none of which can be adapted is refused with the reason,
+    never skipped in silence (an entry that matches nothing at all is left to the no-match message)."""
+    for entry in target:
+        matched = [(ns[0], mod) for mod, ns in names.values()
+                   if any(_name_matches(n, mod, [entry], "target_modules") for n in ns)]
+        if matched and not any(id(mod) in chosen for _, mod in matched):
+            name, mod = matched[0]
+            why = ("it is adapted already (relora_ext.unwrap(model) first to wrap it again)"
+                   if isinstance(mod, CycledLayer) else
+                   "only nn.Linear, transformers Conv1D, bitsandbytes Linear4bit/Linear8bitLt and nn.Embedding "
+                   "can be adapted")
+            raise ValueError(f"wrap: target_modules entry {entry!r} names {name!r} ({type(mod).__name__}), which cannot "
+                             f"be adapted: {why}")
 
 
 def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import distributed as D
 from . import sst
-from ._checks import CycleRefused, check_bool
+from ._checks import CycleRefused, check_bool, is_dtensor
 from .cycle import CycleSettings, SSTLayer, backend_for, cycled_layers, prune_offset, reset_offset, run_cycle
 
 __all__ = ["ReLoRAOptimizer", "check_optimizer_state", "reset_offset", "prune_offset"]
@@ -144,7 +144,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
             )
         backends = [backend_for(layer) for _, layer in layers]  # local, sharded or SST: once per layer
         for (name, layer), backend in zip(layers, backends):
-            if backend is SSTLayer and any(D.is_dtensor(t) for t in (*layer.parameters(), *layer.buffers())):
+            if backend is SSTLayer and any(is_dtensor(t) for t in (*layer.parameters(), *layer.buffers())):
                 raise ValueError(f"{where}: layer {name!r}: {sst.FSDP2_REFUSAL}")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for name, layer in layers:
@@ -437,12 +437,38 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, whe
         if missing:
             raise ValueError(f"{where}: parameter group {i} of the state lacks {missing}: it was saved from another "
                              f"optimizer type than {type(optimizer).__name__}")
+        for k in sorted(set(g) & set(sg) - {"params"}):
+            if not _same_kind(g[k], sg[k]):
+                raise ValueError(f"{where}: parameter group {i}: {k!r} is {sg[k]!r} ({type(sg[k]).__name__}) in the "
+                                 f"state, the optimizer holds {g[k]!r} ({type(g[k]).__name__})")
         params.update(zip(sg["params"], g["params"]))
     for pid, st in state_dict["state"].items():
         p = params.get(pid)
         if p is None:
             raise ValueError(f"{where}: the optimizer state holds parameter id {pid!r}, which no group lists")
+        if not isinstance(st, dict):
+            raise ValueError(f"{where}: the optimizer state of parameter {pid} is a {type(st).__name__}, not a dict")
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
                 raise ValueError(f"{where}: optimizer state {k!r} of parameter {pid} has shape {tuple(v.shape)} "
                                  f"but the parameter has shape {tuple(p.shape)}")
+            held = optimizer.state.get(p, {}).get(k)
+            want = held.dtype if isinstance(held, torch.Tensor) else p.dtype
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.dtype != want:
+                raise ValueError(f"{where}: optimizer state {k!r} of parameter {pid} is {v.dtype}, expected {want} "
+                                 "(the dtype of its parameter / of the state the optimizer holds)")
+
+
+def _same_kind(current: Any, saved: Any) -> bool:
+    """Whether a saved hyper-parameter can stand for the current one: a number for a number (a bool for a
+    bool), a sequence for a sequence (Adam's betas), anything where the current value is ``None`` or not plain."""
+    if isinstance(current, bool):
+        return isinstance(saved, bool)
+    if isinstance(current, (int, float)):
+        return isinstance(saved, (int, float, torch.Tensor)) and not isinstance(saved, bool)
+    if isinstance(current, (list, tuple)):
+        return isinstance(saved, (list, tuple)) and len(saved) == len(current) and all(
+            _same_kind(c, v) for c, v in zip(current, saved))
+    if isinstance(current, str):
+        return isinstance(saved, str)
+    return True

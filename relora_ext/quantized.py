@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._checks import F32_MAX, check_float, check_rank
+from ._checks import check_float, check_rank
 from .lora import LoRALinear
 
 __all__ = ["QuantizedLoRALinear", "is_quantized", "dequantize", "requantize_", "requantization_error"]

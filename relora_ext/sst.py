@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from . import _C, ops  # noqa: F401  (_C registers torch.ops.relora.sst_linear)
-from ._checks import FLOAT_DTYPES, check_int, check_rank, check_u64
+from ._checks import FLOAT_DTYPES, check_int, check_rank, check_u64, is_dtensor
 from .adapter import CycledLayer
-from .distributed import is_dtensor
 
 __all__ = ["SSTLinear", "renormalize_", "sample_directions", "sample_offset"]
 

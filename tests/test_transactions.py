@@ -231,7 +231,7 @@ def test_wrap_refuses_explicitly_targeted_tied_weights_and_changes_nothing():
     a, b = nn.Linear(8, 8), nn.Linear(8, 8)
     b.weight = a.weight
     model = nn.Sequential(a, nn.Tanh(), b)
-    with pytest.raises(ValueError, match=r"layer '0'.*shared with \['2'\]"):
+    with pytest.raises(ValueError, match=r"layer '0'.*shares memory with \['2'\]"):
         wrap(model, r=2, target_modules=["0", "2"])
     assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear and model[0].weight.requires_grad
 

@@ -1,0 +1,415 @@
+"""Every refused call changes nothing, and each layer kind owns its rules (issue 20).
+
+One test per trigger the adversarial review found on the landed main (each failed there), and a property
+test that plants one bad layer at a random position and checks the all-or-nothing rule of ``restart``,
+``merge_and_reset_``, ``unwrap`` and ``load_checkpoint``.
+"""
+
+import ast
+import os
+import pathlib
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import relora_ext
+from relora_ext import CycleRefused, LoRALinear, ReLoRAOptimizer, lora_layers, unwrap, wrap
+from relora_ext.checkpoint import _digest, atomic_save, load_checkpoint, save_checkpoint
+
+
+def make_model(n_layers=3, seed=0, d=8, r=2):
+    torch.manual_seed(seed)
+    mods = []
+    for _ in range(n_layers):
+        mods += [nn.Linear(d, d), nn.Tanh()]
+    return wrap(nn.Sequential(*mods), r=r, target_modules=lambda n, m: True)
+
+
+def trained(model, steps=2, reset_every=100):
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=reset_every)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        model(torch.randn(5, 8, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def _bits(t):
+    t = t.detach()
+    return t.cpu().contiguous().reshape(-1).view(torch.uint8).clone() if t.device.type != "meta" else t.shape
+
+
+def snapshot(model, opt=None):
+    snap = {f"model.{k}": _bits(v) for k, v in model.state_dict().items()}
+    snap["types"] = [type(m).__name__ for m in model.modules()]
+    if opt is not None:
+        for i, (p, s) in enumerate(opt.state.items()):
+            for k, v in s.items():
+                snap[f"state{i}.{k}"] = _bits(v) if isinstance(v, torch.Tensor) else v
+        for k in ("steps_taken", "cycles_done", "last_cycle_step", "last_prune_kept", "last_prune_total"):
+            snap[k] = getattr(opt, k)
+        snap["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return snap
+
+
+def assert_unchanged(before, after):
+    assert before.keys() == after.keys()
+    for k in before:
+        a, b = before[k], after[k]
+        same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        assert same, f"{k} changed"
+
+
+# -- triggers planted in one layer: each makes the merge or the reset refuse ----------------------------
+
+
+def _A_other_shape(layer):
+    layer.lora_A.data = torch.randn(3, layer.in_features)
+
+
+def _B_other_shape(layer):
+    layer.lora_B.data = torch.randn(layer.out_features + 1, layer.r)
+
+
+def _expanded_weight(layer):
+    layer.weight.data = torch.randn(1, layer.in_features).expand(layer.out_features, -1)
+
+
+def _weight_over_B(layer):
+    # W (out, in) shares memory with B (out, r): a merge would read what it writes
+    big = torch.randn(layer.out_features, layer.in_features)
+    layer.weight.data = big
+    layer.lora_B.data = big[:, : layer.r]
+
+
+def _nan_A(layer):
+    with torch.no_grad():
+        layer.lora_A[0, 0] = float("nan")
+
+
+def _A_of_another_dtype(layer):
+    layer.lora_A.data = layer.lora_A.data.half()
+
+
+TRIGGERS = {
+    "lora_A of another shape": _A_other_shape,
+    "lora_B of another shape": _B_other_shape,
+    "expanded weight": _expanded_weight,
+    "weight over lora_B": _weight_over_B,
+    "NaN in lora_A": _nan_A,
+    "lora_A of another dtype": _A_of_another_dtype,
+}
+
+
+@pytest.mark.parametrize("trigger", sorted(TRIGGERS))
+def test_layer_check_names_the_trigger_and_merge_and_reset_changes_nothing(trigger):
+    model = make_model(n_layers=1)
+    layer = model[0]
+    TRIGGERS[trigger](layer)
+    assert layer.check() is not None
+    before = snapshot(model)
+    with pytest.raises(CycleRefused, match="LoRALinear.merge_and_reset_: refused, nothing was changed"):
+        layer.merge_and_reset_(seed=0, offset=0)
+    assert_unchanged(before, snapshot(model))
+
+
+@settings(max_examples=24, deadline=None)
+@given(n_layers=st.integers(2, 4), data=st.data(), trigger=st.sampled_from(sorted(TRIGGERS)))
+def test_property_one_bad_layer_anywhere_changes_nothing(n_layers, data, trigger):
+    """restart, merge_and_reset_ of every layer, unwrap and load_checkpoint: all or nothing."""
+    model = make_model(n_layers=n_layers, seed=n_layers)
+    opt = trained(model)
+    position = data.draw(st.integers(0, n_layers - 1))
+    name, layer = lora_layers(model)[position]
+    TRIGGERS[trigger](layer)
+    before = snapshot(model, opt)
+    with pytest.raises(CycleRefused, match=f"cycle 0 refused, nothing was changed: layer '{name}'"):
+        opt.restart()
+    assert_unchanged(before, snapshot(model, opt))
+    with pytest.raises(CycleRefused, match=f"unwrap: refused, nothing was changed: layer '{name}'"):
+        unwrap(model)
+    assert_unchanged(before, snapshot(model, opt))
+    with pytest.raises(CycleRefused):
+        layer.merge_and_reset_(seed=1, offset=2)
+    assert_unchanged(before, snapshot(model, opt))
+
+
+# -- settings: one source, checked when set -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attr,value,error", [("init_std", True, TypeError), ("alpha", True, TypeError),
+                                              ("init_std", 1e39, ValueError), ("alpha", -1.0, ValueError),
+                                              ("alpha", float("nan"), ValueError)])
+def test_bad_settings_are_refused_when_set(attr, value, error):
+    layer = LoRALinear(8, 6, r=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 8)
+    y = layer(x)
+    old = getattr(layer, attr)
+    with pytest.raises(error, match=attr):
+        setattr(layer, attr, value)
+    assert getattr(layer, attr) == old
+    layer.merge_and_reset_(seed=0, offset=0)  # still a working layer; B·A counted once
+    torch.testing.assert_close(layer(x), y)
+
+
+def test_init_std_bounded_by_the_factor_dtype():
+    layer = LoRALinear(8, 6, r=2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="init_std"):
+        layer.init_std = 1e5  # a float16 draw would overflow to Inf
+    with pytest.raises(ValueError, match="init_std"):
+        LoRALinear(8, 6, r=2, dtype=torch.float16, init_std=1e5)
+
+
+def test_scaling_follows_alpha_and_cannot_drift():
+    layer = LoRALinear(8, 6, r=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 8)
+    layer.alpha = 6.0
+    assert layer.scaling == 3.0
+    ref = x @ layer.weight.t() + layer.bias + 3.0 * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(layer(x), ref)
+    with pytest.raises(AttributeError):
+        layer.scaling = 1.0
+
+
+def test_checkpoint_of_another_alpha_is_refused(tmp_path):
+    model = make_model(n_layers=2)
+    lora_layers(model)[1][1].alpha = 5.0  # set after construction: saved as it acts
+    save_checkpoint(tmp_path / "c.pt", model=model)
+    other = make_model(n_layers=2)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="alpha=5.0"):
+        load_checkpoint(tmp_path / "c.pt", model=other)
+    assert_unchanged(before, snapshot(other))
+
+
+# -- unwrap ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trigger", ["expanded weight", "lora_A of another shape", "NaN in lora_A"])
+def test_unwrap_with_a_bad_later_layer_leaves_the_model_wrapped(trigger):
+    model = make_model(n_layers=2)
+    TRIGGERS[trigger](model[2])
+    before = snapshot(model)
+    with pytest.raises(CycleRefused, match="layer '2'"):
+        unwrap(model)
+    assert [type(m).__name__ for m in (model[0], model[2])] == ["LoRALinear", "LoRALinear"]
+    assert_unchanged(before, snapshot(model))
+
+
+# -- wrap -----------------------------------------------------------------------------------------------
+
+
+class TiedThroughStorage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 6)
+        self.dec = nn.Linear(6, 4)
+        self.dec.weight = nn.Parameter(self.enc.weight.t())  # another Parameter over the same memory
+
+
+@pytest.mark.parametrize("target", [["enc"], ["dec"], None])
+def test_weights_tied_through_storage_are_not_adapted(target):
+    model = TiedThroughStorage()
+    if target is None:  # the default selection leaves tied layers alone: nothing else to adapt
+        with pytest.raises(ValueError, match="no linear layer"):
+            wrap(model, r=2)
+    else:
+        with pytest.raises(ValueError, match="shares memory with"):
+            wrap(model, r=2, target_modules=target)
+    assert type(model.enc) is nn.Linear and type(model.dec) is nn.Linear
+
+
+@pytest.mark.parametrize("name", ["0", "2"])
+def test_a_module_used_twice_can_be_targeted_by_either_name(name):
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    wrap(model, r=2, target_modules=[name])
+    assert isinstance(model[0], LoRALinear) and model[0] is model[2]
+
+
+def test_a_named_target_that_cannot_be_adapted_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(ValueError, match=r"'1' \(LayerNorm\), which cannot be adapted"):
+        wrap(model, r=2, target_modules=["0", "1"])
+    assert type(model[0]) is nn.Linear
+
+
+def test_wrap_with_a_positional_rank_suggests_the_keyword():
+    with pytest.raises(TypeError, match=r"wrap\(model, r=8\)"):
+        wrap(nn.Sequential(nn.Linear(4, 4)), 8)
+
+
+# -- a stale optimizer ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["unwrap", "replace"])
+def test_a_stale_optimizer_refuses_to_step(how):
+    model = make_model(n_layers=2)
+    opt = trained(model, steps=1, reset_every=2)
+    if how == "unwrap":
+        unwrap(model)
+    else:
+        model[2] = nn.Linear(8, 8)
+    model(torch.randn(3, 8)).sum().backward()
+    before = snapshot(model, opt)
+    with pytest.raises(CycleRefused, match=r"\['2'\] are no longer in the model" if how == "replace" else
+                       r"\['0', '2'\] are no longer in the model"):
+        opt.step()
+    assert_unchanged(before, snapshot(model, opt))
+
+
+# -- load_checkpoint --------------------------------------------------------------------------------------
+
+
+def _resave(path, edit):
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.pop("sha256")
+    edit(ckpt)
+    ckpt["sha256"] = _digest(ckpt)  # a digest-valid file: only the content is wrong
+    atomic_save(ckpt, path)
+
+
+def _bad_lr(ck):
+    ck["optimizer"]["param_groups"][0]["lr"] = "0.01"
+
+
+def _float64_adam(ck):
+    st0 = next(iter(ck["optimizer"]["state"].values()))
+    st0["exp_avg"] = st0["exp_avg"].double()
+
+
+def _junk_scheduler(ck):
+    ck["scheduler"] = {"junk": 1}
+
+
+def _bad_torch_rng(ck):
+    ck["rng"]["torch"] = torch.zeros(7, dtype=torch.uint8)
+
+
+def _bad_python_rng(ck):
+    ck["rng"]["python"] = (3, (1, 2), None)
+
+
+def _non_tensor_model_value(ck):
+    key = next(iter(ck["model"]))
+    ck["model"][key] = 1.5
+
+
+def _no_adapters(ck):
+    del ck["adapters"]
+
+
+def _disabled_scaler(ck):
+    ck["scaler"] = {}  # what a disabled GradScaler saves
+
+
+CHECKPOINT_TRIGGERS = {
+    "string lr": (_bad_lr, "'lr' is '0.01'"),
+    "float64 Adam state": (_float64_adam, "torch.float64"),
+    "junk scheduler state": (_junk_scheduler, "scheduler state has keys"),
+    "bad torch RNG": (_bad_torch_rng, "RNG state"),
+    "bad python RNG": (_bad_python_rng, "RNG state"),
+    "non-tensor model value": (_non_tensor_model_value, "is a float in the checkpoint"),
+    "no adapters": (_no_adapters, "no adapter settings"),
+    "disabled scaler into an enabled one": (_disabled_scaler, "scaler state is empty"),
+}
+
+
+def _training_objects(seed=0):
+    model = make_model(n_layers=2, seed=seed)
+    opt = trained(model, steps=2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    return model, opt, sched, scaler
+
+
+@pytest.mark.parametrize("trigger", sorted(CHECKPOINT_TRIGGERS))
+def test_load_checkpoint_refuses_a_bad_entry_before_loading_anything(tmp_path, trigger):
+    model, opt, sched, scaler = _training_objects(seed=1)
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model=model, optimizer=opt, scheduler=sched, scaler=scaler)
+    edit, match = CHECKPOINT_TRIGGERS[trigger]
+    _resave(path, edit)
+    model2, opt2, sched2, scaler2 = _training_objects(seed=2)
+    before = snapshot(model2, opt2)
+    sched_before, scaler_before = sched2.state_dict(), scaler2.state_dict()
+    rng_before = torch.get_rng_state(), random.getstate()
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2, scaler=scaler2)
+    assert_unchanged(before, snapshot(model2, opt2))
+    assert sched2.state_dict() == sched_before and scaler2.state_dict() == scaler_before
+    assert torch.equal(torch.get_rng_state(), rng_before[0]) and random.getstate() == rng_before[1]
+
+
+def test_a_save_keeps_the_temporary_file_of_a_concurrent_save_of_another_name(tmp_path):
+    # ".ckpt.1000.pt.<pid>.<random>.tmp" is a temporary of "ckpt.1000.pt", not of "ckpt" with PID 1000
+    other = tmp_path / f".ckpt.1000.pt.{os.getpid()}.abcd1234.tmp"
+    other.write_bytes(b"in progress")
+    gone = tmp_path / ".ckpt.999999999.abcd1234.tmp"  # a killed save of "ckpt" (no such process)
+    gone.write_bytes(b"left behind")
+    atomic_save({"x": 1}, tmp_path / "ckpt")
+    assert other.exists() and not gone.exists()
+
+
+# -- the package's shape -------------------------------------------------------------------------------
+
+
+def _imports():
+    pkg = pathlib.Path(relora_ext.__file__).parent
+    mods = {p.stem: p for p in pkg.glob("*.py")}
+    graph, local = {m: set() for m in mods}, []
+    for m, p in mods.items():
+        tree = ast.parse(p.read_text())
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("relora_ext")):
+                base = (node.module or "").split(".")[-1] if node.module not in (None, "relora_ext") else ""
+                targets = [base] if base else [a.name for a in node.names]
+                for t in targets:
+                    if t in mods and t != m:
+                        graph[m].add(t)
+                        if id(node) not in top:
+                            local.append((m, t))
+    return graph, local
+
+
+def test_no_import_cycles_among_the_modules():
+    graph, _ = _imports()
+    graph.pop("__init__")
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for t in graph.get(m, ()):
+            if state.get(t) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(path + [m, t])}")
+            if t not in state:
+                visit(t, path + [m])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+
+
+def test_no_function_level_imports_of_package_modules():
+    # __init__'s lazy hf import is the only one: transformers is loaded on first use of the HF helpers
+    _, local = _imports()
+    assert [(m, t) for m, t in local if m != "__init__"] == []
+
+
+def test_is_this_an_sst_layer_is_asked_one_way():
+    pkg = pathlib.Path(relora_ext.__file__).parent
+    for p in pkg.glob("*.py"):
+        text = p.read_text()
+        for probe in ('hasattr(layer, "sigma")', 'hasattr(layer, "weight_sst")', "hasattr(m, \"sigma\")"):
+            assert probe not in text, f"{p.name} asks {probe}"
