@@ -12,7 +12,7 @@ Its subclasses say which tensors the merge and the reset take (:meth:`LowRankAda
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +33,8 @@ class CycledLayer(nn.Module):
     cycled: Tuple[str, ...] = ()
     #: the parameters the wrapped optimizer must hold
     trained: Tuple[str, ...] = ()
+    #: the attributes that give the layer's shape (saved by :meth:`settings`)
+    shape_fields: Tuple[str, ...] = ("in_features", "out_features")
 
     def check(self) -> Optional[str]:
         """Why this layer's part of a cycle would be refused, or ``None``; checks only, writes nothing."""
@@ -41,6 +43,11 @@ class CycledLayer(nn.Module):
     def to_base(self) -> nn.Module:
         """Merge and return the plain module this layer replaced (used by :func:`relora_ext.unwrap`)."""
         raise NotImplementedError
+
+    def settings(self) -> Dict[str, Any]:
+        """What a checkpoint records of this layer and compares on load (the same weights under other settings
+        compute another function): its rank and shape, plus what the kind adds."""
+        return {"r": self.r, **{k: getattr(self, k) for k in self.shape_fields}}
 
     def refuse_if_unfit(self, where: str, name: str = "") -> None:
         """Raise :class:`CycleRefused` naming ``where`` and the layer if :meth:`check` finds a problem."""
@@ -96,6 +103,9 @@ class LowRankAdapter(CycledLayer):
         return check_float(where, "init_std", value, lo=0.0, hi=hi)
 
     # -- what subclasses say ------------------------------------------------------------------------
+
+    def settings(self) -> Dict[str, Any]:
+        return {**super().settings(), "alpha": self.alpha, "init_std": self.init_std}
 
     def merge_operands(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(W, A, B)`` such that the merge is ``W += s · B @ A`` (:func:`relora_ext.ops.merge_`)."""

@@ -38,7 +38,6 @@ import torch
 from .cycle import cycled_layers
 from .model import lora_layers
 from .optim import COUNTERS, check_optimizer_state
-from .sst import SSTLinear
 
 __all__ = [
     "atomic_save", "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "get_rng_state",
@@ -280,20 +279,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def adapter_settings(model: torch.nn.Module) -> Dict[str, Dict[str, Any]]:
-    """``{layer name: settings}`` for every adapted layer: ``r``, ``alpha``, ``init_std``, ``in_features``,
-    ``out_features`` of a LoRALinear; ``method: "sst"``, ``r``, ``weight_dtype`` and the features of an SSTLinear.
+    """``{layer name: settings}`` for every adapted layer (:meth:`~relora_ext.adapter.CycledLayer.settings`):
+    ``r``, ``alpha``, ``init_std`` and the shape of a LoRALinear or LoRAEmbedding; ``method: "sst"``, ``r``,
+    ``weight_dtype`` and the features of an SSTLinear.
 
     Saved in every checkpoint and compared on load: the same weights under another ``alpha`` compute
     another function. Example: ``adapter_settings(model)["0"]["alpha"]``.
     """
-    out = {}
-    for name, layer in cycled_layers(model):
-        common = {"r": layer.r, "in_features": layer.in_features, "out_features": layer.out_features}
-        if isinstance(layer, SSTLinear):
-            out[name] = {**common, "method": "sst", "weight_dtype": str(layer.U.dtype)}
-        else:
-            out[name] = {**common, "alpha": layer.alpha, "init_std": layer.init_std}
-    return out
+    return {name: layer.settings() for name, layer in cycled_layers(model)}
 
 
 def _check_model_state(model: torch.nn.Module, saved: Dict[str, Any], strict: bool, where: str) -> None:

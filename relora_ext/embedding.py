@@ -98,6 +98,7 @@ class LoRAEmbedding(LowRankAdapter):
     """
 
     __constants__ = ["num_embeddings", "embedding_dim", "padding_idx", "r"]
+    shape_fields = ("num_embeddings", "embedding_dim")
 
     num_embeddings: int
     embedding_dim: int

@@ -177,6 +177,9 @@ class SSTLinear(CycledLayer):
         V[:, self.active] = self.V_active
         return (U * self.sigma) @ V.t()
 
+    def settings(self):
+        return {**super().settings(), "method": "sst", "weight_dtype": str(self.U.dtype)}
+
     def to_base(self) -> nn.Linear:
         """:meth:`to_linear` (what :func:`relora_ext.unwrap` puts back)."""
         return self.to_linear()

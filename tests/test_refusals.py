@@ -413,3 +413,32 @@ def test_is_this_an_sst_layer_is_asked_one_way():
         text = p.read_text()
         for probe in ('hasattr(layer, "sigma")', 'hasattr(layer, "weight_sst")', "hasattr(m, \"sigma\")"):
             assert probe not in text, f"{p.name} asks {probe}"
+
+
+def test_a_named_embedding_is_adapted_cycled_checkpointed_and_unwrapped(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8))
+    wrap(model, r=2, target_modules=["0", "1"])
+    assert type(model[0]).__name__ == "LoRAEmbedding"
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
+    tokens = torch.randint(0, 50, (6,))
+    for _ in range(5):
+        model(tokens).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.cycles_done == 2
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
+    other = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8))
+    wrap(other, r=2, alpha=4.0, target_modules=["0", "1"])
+    with pytest.raises(ValueError, match="layer '0' was saved with alpha=2.0"):
+        load_checkpoint(tmp_path / "c.pt", model=other)
+    y = model(tokens)
+    unwrap(model)
+    assert [type(m) for m in model] == [nn.Embedding, nn.Linear]
+    torch.testing.assert_close(model(tokens), y)
+
+
+def test_embeddings_are_adapted_only_when_named():
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8))
+    wrap(model, r=2, target_modules=lambda n, m: True)  # a predicate selects among linear layers
+    assert type(model[0]) is nn.Embedding and isinstance(model[1], LoRALinear)
