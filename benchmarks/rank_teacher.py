@@ -24,8 +24,9 @@ its length; the best setting on seed 0 is rerun on every seed, and the loss and 
 ``W − W₀`` are recorded over training. Writes a JSON summary, a PNG plot and a section of
 ``benchmarks/RESULTS.md``.
 
-    python benchmarks/rank_teacher.py                 # the documented run (~1-2 min on 2 cores)
-    python benchmarks/rank_teacher.py --quick         # a few seconds, for tests; writes nothing by default
+    python benchmarks/rank_teacher.py                 # the documented run (~1-2 min on 2 cores), into runs/
+    python benchmarks/rank_teacher.py --write         # the same, recorded: results/, plots/, RESULTS.md
+    python benchmarks/rank_teacher.py --quick         # a few seconds, for tests
 """
 
 from __future__ import annotations
@@ -172,10 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--rtol", type=float, default=1e-2, help="threshold of the numerical rank (σ > rtol·σ_max)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-dir", type=Path, default=HERE / "results", help="where rank_teacher.json goes")
-    p.add_argument("--plot", type=Path, default=HERE / "plots" / "rank_teacher.png")
-    p.add_argument("--write-results", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the rank_teacher section of benchmarks/RESULTS.md")
+    p.add_argument("--write", action="store_true",
+                   help="record the run: benchmarks/results/rank_teacher.json, benchmarks/plots/rank_teacher.png and "
+                        "the rank_teacher section of benchmarks/RESULTS.md (tracked files; without it, runs/rank_teacher/)")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where rank_teacher.json goes (default: benchmarks/results with --write, else runs/rank_teacher)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="the PNG (default: benchmarks/plots/rank_teacher.png with --write, else in --out-dir)")
     p.add_argument("--quick", action="store_true",
                    help="tiny run for tests: d=32, r=4, 1200 steps, 2 LRs, 1 seed, no RESULTS.md")
     return p
@@ -345,12 +349,23 @@ def results_markdown(summary: dict, plot_path: Path) -> str:
     return "\n".join(lines)
 
 
+def output_paths(args) -> None:
+    """Fill in ``args.out_dir``/``args.plot``: the tracked files only with ``--write`` (a plain run must not
+    rewrite recorded results), else ``runs/rank_teacher/``."""
+    scratch = Path("runs") / "rank_teacher"
+    if args.out_dir is None:
+        args.out_dir = HERE / "results" if args.write else scratch
+    if args.plot is None:
+        args.plot = HERE / "plots" / "rank_teacher.png" if args.write else args.out_dir / "rank_teacher.png"
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.dim, args.rank, args.steps, args.reset_every = 32, 4, 1200, 100
         args.lrs, args.seeds, args.eval_every, args.periods = [1e-2, 3e-2], [0], 100, [100]
-        args.write_results = False
+        args.write = False
+    output_paths(args)
     summary = run(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "rank_teacher.json").write_text(json.dumps(summary, indent=1))
@@ -360,7 +375,7 @@ def main(argv=None) -> dict:
           + f" | LoRA floor {sum(summary['lora_floor']) / len(summary['lora_floor']):.5f} | noise {summary['noise_floor']:.5f}")
     print(f"ReLoRA* is {g['relora_vs_lora_floor']:.1f}x below LoRA's floor (goal >= 10) and "
           f"{g['relora_vs_full']:.2f}x full rank's loss (goal <= 2); wall {summary['wall_seconds']:.0f} s")
-    if args.write_results:
+    if args.write:
         from _report import write_section
 
         write_section("rank_teacher", results_markdown(summary, args.plot))

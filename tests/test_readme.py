@@ -30,3 +30,33 @@ def test_readme_snippet_runs(index, tmp_path):
     proc = subprocess.run([sys.executable, "-c", BLOCKS[index]], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, f"README block {index} failed:\n{BLOCKS[index]}\n{proc.stderr[-3000:]}"
+
+
+def test_quickstart_block_shows_its_progress(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", BLOCKS[0]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 4 and "cycles 4" in lines[-1], proc.stdout     # a line per cycle: loss, lr, cycles
+
+
+def test_readme_points_to_the_notebook():
+    text = README.read_text()
+    assert "examples/quickstart.ipynb" in text and (README.parent / "examples" / "quickstart.ipynb").exists()
+
+
+def test_benchmark_run_as_shown_rewrites_no_tracked_file():
+    sys.path.insert(0, str(README.parent / "benchmarks"))
+    try:
+        import rank_teacher
+    finally:
+        sys.path.pop(0)
+    tracked = README.parent / "benchmarks"
+    plain = rank_teacher.build_parser().parse_args([])
+    rank_teacher.output_paths(plain)                 # `python benchmarks/rank_teacher.py`, as the README shows it
+    assert tracked not in plain.out_dir.resolve().parents and tracked not in plain.plot.resolve().parents
+    assert not plain.write
+    recorded = rank_teacher.build_parser().parse_args(["--write"])
+    rank_teacher.output_paths(recorded)
+    assert recorded.out_dir == tracked / "results" and recorded.plot == tracked / "plots" / "rank_teacher.png"
