@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from relora_ext import CycleRefused, ops
+from relora_ext import CycleRefused, ReLoRAOptimizer, ops
 from relora_ext.cycle import CycleSettings, LocalLayer, reset_offset, run_cycle
 from relora_ext.peft_layers import PeftLoRAView, lora_views
 
@@ -79,19 +79,18 @@ def reference_cycle(model, opt, c, ratio):
 def test_three_cycles_equal_a_plain_torch_reference():
     model = peft_llama()
     ref = copy.deepcopy(model)
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, ref)]
-    settings = CycleSettings(reset_every=3)
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=3)   # the one line
+    opts = [opt, torch.optim.AdamW(ref.parameters(), lr=1e-2)]
+    kept = []
+    opt.register_cycle_hook(lambda o, info: kept.append((info["kept"], info["total"])))
     for c in range(3):
-        for m, opt in zip((model, ref), opts):
+        for m, o in zip((model, ref), opts):
             for _ in range(3):
                 m(IDS, labels=IDS).loss.backward()
-                opt.step()
-                opt.zero_grad()
-        y = model(IDS).logits.detach()
-        result = cycle(model, opts[0], c, settings)
-        reference_cycle(ref, opts[1], c, settings.prune_ratio)
-        torch.testing.assert_close(model(IDS).logits, y, rtol=1e-5, atol=1e-5)   # function kept by the cycle
-        assert 0 < result.kept < result.total
+                o.step()      # the third step of the ReLoRAOptimizer ends with the cycle
+                o.zero_grad()
+        reference_cycle(ref, opts[1], c, opt.prune_ratio)
+        assert opt.cycles_done == c + 1 and 0 < kept[-1][0] < kept[-1][1]
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
         if "lora_B" in n:
@@ -166,8 +165,11 @@ def test_bitsandbytes_base_is_requantized(kind):
     (lambda: peft_llama(target_modules=["embed_tokens", "q_proj"]), "model.embed_tokens.*Embedding.*target_modules"),
 ])
 def test_what_a_merge_gets_wrong_is_refused_naming_the_option(build, match):
+    model = build()
     with pytest.raises(ValueError, match=match):
-        lora_views(build())
+        lora_views(model)
+    with pytest.raises(ValueError, match=match):     # the optimizer of a PEFT model lists the same views
+        ReLoRAOptimizer(torch.optim.AdamW(model.parameters()), model, reset_every=3)
 
 
 def test_several_active_adapters_or_a_merged_adapter_are_refused():
