@@ -22,9 +22,12 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(PY) -m pip install --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.built-test: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
-	touch $@ $(VENV)/.built
+# The test extras on top of the package build: `make test` after `make demo` installs them without
+# building the extension again (pip's -e ".[test]" would).
+$(VENV)/.built-test: $(VENV)/.built pyproject.toml
+	$(PY) -m pip install $$($(PY) -c "import re; t = open('pyproject.toml').read(); \
+	    print(' '.join(re.findall(r'\"([^\"]+)\"', re.search(r'^test = \[(.*?)\]', t, re.S | re.M).group(1))))")
+	touch $@
 
 setup: $(VENV)/.built
 

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -60,3 +61,21 @@ def test_benchmark_run_as_shown_rewrites_no_tracked_file():
     recorded = rank_teacher.build_parser().parse_args(["--write"])
     rank_teacher.output_paths(recorded)
     assert recorded.out_dir == tracked / "results" and recorded.plot == tracked / "plots" / "rank_teacher.png"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_test_after_make_demo_does_not_build_again(tmp_path):
+    shutil.copy(README.parent / "Makefile", tmp_path)
+    shutil.copy(README.parent / "pyproject.toml", tmp_path)
+    for f in ("setup.py", "csrc/kernels/levels.txt", "csrc/kernels/merge.c"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("")
+    for f in ("setup.py", "pyproject.toml", "csrc/kernels/levels.txt", "csrc/kernels/merge.c"):
+        os.utime(tmp_path / f, (1e9, 1e9))
+    (tmp_path / ".venv").mkdir()
+    for marker, t in ((".deps", 2e9), (".built", 2e9 + 1)):       # what `make demo` left: the package built
+        (tmp_path / ".venv" / marker).write_text("")
+        os.utime(tmp_path / ".venv" / marker, (t, t))
+    plan = subprocess.run(["make", "-n", "test"], cwd=tmp_path, capture_output=True, text=True, timeout=60).stdout
+    assert "-m pip install" in plan and "pytest" in plan                # the test extras, then the tests
+    assert "--no-build-isolation -e" not in plan, plan                  # no second build of the extension
