@@ -68,8 +68,10 @@ def test_constructor_parameters_and_init():
 def test_refused_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoRAEmbedding(10, 4, r=2, **kwargs)
+    emb = nn.Embedding(10, 4, **kwargs)
     with pytest.raises(ValueError, match="LoRAEmbedding.from_embedding: " + match):
-        LoRAEmbedding.from_embedding(nn.Embedding(10, 4, **kwargs), r=2)
+        LoRAEmbedding.from_embedding(emb, r=2)
+    assert emb.weight.requires_grad  # refused before anything was adopted
 
 
 def test_refused_arguments():
@@ -352,3 +354,51 @@ def test_cycled_by_relora_optimizer():
     for p in (emb.lora_A, emb.lora_B):  # 99% magnitude pruning of both factors' state
         st = opt.state[p]
         assert torch.count_nonzero(st["exp_avg_sq"]) <= p.numel() - int(0.99 * p.numel())
+
+
+def test_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    layer = LoRAEmbedding(50, 8, r=2, padding_idx=0)
+    randomize(layer)
+    ids = torch.randint(0, 50, (3, 4))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(ids)
+    y.backward(torch.ones_like(y))
+    grads = (layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+    layer.zero_grad()
+    y_eager = layer(ids)
+    y_eager.backward(torch.ones_like(y_eager))
+    assert torch.equal(y, y_eager)
+    assert torch.equal(grads[0], layer.lora_A.grad) and torch.equal(grads[1], layer.lora_B.grad)
+    torch._dynamo.reset()
+
+
+def test_checkpoint_resumes_exactly(tmp_path):
+    import relora_ext
+
+    ids = torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(3))
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(LoRAEmbedding(40, 8, r=2, padding_idx=0), nn.Linear(8, 40))
+        opt = relora_ext.ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=3, seed=1)
+        return model, opt
+
+    def train(model, opt, n):
+        for _ in range(n):
+            F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = make()
+    train(model, opt, 4)  # one cycle done, the next one inside the resumed part
+    relora_ext.save_checkpoint(tmp_path / "ck.pt", model=model, optimizer=opt)
+    train(model, opt, 4)
+    model2, opt2 = make()
+    relora_ext.load_checkpoint(tmp_path / "ck.pt", model=model2, optimizer=opt2)
+    train(model2, opt2, 4)
+    assert opt2.cycles_done == opt.cycles_done == 2
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+    plain = relora_ext.unwrap(model)
+    assert type(plain[0]) is nn.Embedding and plain[0].padding_idx == 0
