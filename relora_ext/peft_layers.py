@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
+import types
 from typing import List, Optional, Tuple
 
 import torch
@@ -181,6 +182,10 @@ def lora_views(model: nn.Module) -> List[Tuple[str, PeftLoRAView]]:
     matter: it acts on the adapter's input while training, and with one active adapter per layer there is
     no second dropout to reconcile.
 
+    On a ``PeftModel`` that has such layers it also makes ``model.save_pretrained`` refuse (an instance
+    attribute; the class is untouched): the adapter file it writes holds the current ``A``, ``B`` only, not
+    the base weights the cycles merge into, so it would silently drop the training.
+
     Example: ``[n for n, _ in lora_views(peft_model)][0] == "base_model.model.model.layers.0.self_attn.q_proj"``.
     """
     out = []
@@ -206,4 +211,19 @@ def lora_views(model: nn.Module) -> List[Tuple[str, PeftLoRAView]]:
         if active[0] not in views:
             views[active[0]] = PeftLoRAView(mod, active[0])
         out.append((name, views[active[0]]))
+    if out and callable(getattr(type(model), "save_pretrained", None)) and hasattr(model, "peft_config"):
+        model.__dict__["save_pretrained"] = types.MethodType(_refuse_adapter_only_save, model)
     return out
+
+
+def _refuse_adapter_only_save(self: nn.Module, *args, **kwargs):
+    """``PeftModel.save_pretrained`` writes the adapter (the current ``A``, ``B``), not the base weights, into
+    which every ReLoRA* cycle merges the trained update: refused on a model :func:`lora_views` listed (one a
+    ReLoRAOptimizer cycles), whose base weights may hold merged cycles, its own or a loaded checkpoint's."""
+    raise ValueError(
+        "save_pretrained: refused, nothing was written: this PEFT model is cycled by ReLoRA*, which merges the "
+        "trained updates into the base weights; PEFT's adapter file holds only the current lora_A/lora_B. Save "
+        "the whole model with model.merge_and_unload().save_pretrained(path), or the training state with "
+        "relora_ext.save_checkpoint(path, model=model, optimizer=opt) (under transformers.Trainer: "
+        "save_strategy='no', then either after training); peft.PeftModel.save_pretrained(model, path) still "
+        "writes the adapter file alone")

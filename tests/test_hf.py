@@ -227,7 +227,7 @@ def test_cycle_hook_and_schedule_defaults():
                        restart_warmup_steps=1)
 
 
-def test_trainer_callback_logs_cycles(tmp_path):
+def test_trainer_callback_logs_cycles(tmp_path, capsys):
     model = wrap(tiny_llama(), r=4)
     opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
     sched = JaggedCosineLR(opt, total_steps=6, warmup_steps=1, restart_warmup_steps=1)
@@ -239,6 +239,9 @@ def test_trainer_callback_logs_cycles(tmp_path):
     trainer.train()
     cycles = [e for e in trainer.state.log_history if "relora/cycle" in e]
     assert [e["relora/cycle"] for e in cycles] == [0, 1, 2] and opt.cycles_done == 3
+    out = capsys.readouterr().out       # on the console too, where the Trainer prints its own log lines
+    assert [line[:19] for line in out.splitlines() if "relora/cycle'" in line] == [
+        f"{{'relora/cycle': {c}," for c in range(3)]
     assert all(e["relora/kept"] > 0 for e in cycles)
     logged = [e["relora/cycles_done"] for e in trainer.state.log_history if "relora/cycles_done" in e]
     assert logged[-1] == 3 and logged == sorted(logged)

@@ -202,3 +202,32 @@ def test_a_refused_cycle_changes_nothing():
         assert torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all()
     for st, p in zip(state, [p for p in model.parameters() if p in opt.state]):
         assert all(torch.equal(v, opt.state[p][k]) for k, v in st.items())
+
+
+def test_peft_adapter_only_save_is_refused_and_a_checkpoint_resumes_exactly(tmp_path):
+    import relora_ext
+
+    def build():
+        model = peft_llama(target_modules=["q_proj", "up_proj"])
+        return model, ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
+
+    model, opt = build()
+    for _ in range(3):
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with pytest.raises(ValueError, match="adapter file holds only the current lora_A/lora_B.*merge_and_unload"):
+        model.save_pretrained(tmp_path / "adapter")           # would drop the cycle merged into the base
+    assert not (tmp_path / "adapter").exists()
+    relora_ext.save_checkpoint(tmp_path / "ckpt.pt", model=model, optimizer=opt)
+    twin, twin_opt = build()
+    relora_ext.load_checkpoint(tmp_path / "ckpt.pt", model=twin, optimizer=twin_opt)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        for _ in range(3):
+            m(IDS, labels=IDS).loss.backward()
+            o.step()
+            o.zero_grad()
+    assert opt.cycles_done == twin_opt.cycles_done == 3
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    y = model(IDS).logits.detach()
+    torch.testing.assert_close(model.merge_and_unload()(IDS).logits, y, rtol=1e-5, atol=1e-5)
