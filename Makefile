@@ -16,7 +16,7 @@ $(VENV)/.deps:
 
 # The package alone (what the demo needs), or with the test and benchmark-baseline extras; rebuilt only
 # when a source or the build configuration changed since the last build.
-SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.c' -o -name '*.cpp' -o -name '*.h')
+SOURCES := setup.py pyproject.toml csrc/kernels/levels.txt $(shell find csrc -name '*.c' -o -name '*.cpp' -o -name '*.h')
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(PY) -m pip install --no-build-isolation -e .

@@ -1,14 +1,15 @@
-"""Build relora_ext: a static C library of kernels, the torch operator module `_C`, and the
-NumPy module `_numpy`, both linked against the same kernels.
+"""Build relora_ext: a static C library of kernels, the torch operator module `_C`, the NumPy module
+`numpy_ops`, both linked against the same kernels, and `_C_testing`, the test-only module (the
+`torch.ops.relora_testing` operators and the level / merge-path setters; tests and benchmarks import it).
 
 Build with `pip install --no-build-isolation -e .` after torch, numpy, setuptools, wheel and ninja
 are installed (see the README): a build-isolated install would download a CUDA torch.
 
-The kernels that do arithmetic (csrc/kernels/LEVELED) are compiled once per instruction-set level
-(x86-64: default, avx2, avx512, avx512_bf16; other architectures: default), each with its own -m flags
-and -DRELORA_LEVEL=<level> (csrc/kernels/level.h renames their symbols); csrc/kernels/cpu.c, compiled
-for the baseline, picks the level at run time (csrc/kernels/cpu.h). Nothing is built with -march=native,
-so a binary runs on any CPU of its architecture.
+The kernels that do arithmetic are compiled once per instruction-set level (the sources, levels and
+flags of csrc/kernels/levels.txt; x86-64: default, avx2, avx512, avx512_bf16; other architectures:
+default), each with -DRELORA_LEVEL=<level> (csrc/kernels/level.h renames their symbols); csrc/kernels/cpu.c,
+compiled for the baseline, picks the level at run time (csrc/kernels/cpu.h). Nothing is built with
+-march=native, so a binary runs on any CPU of its architecture.
 """
 import glob
 import os
@@ -21,17 +22,23 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 openmp = ["-fopenmp"]
 
-# Sources compiled once per level; every other csrc/kernels/*.c is compiled once.
-LEVELED = {"merge.c", "prune.c", "reset.c", "philox.c", "table.c"}
-X86_LEVELS = {
-    "default": [],
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
-    "avx512_bf16": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                    "-mavx512bf16"],
-}
-LEVELS = X86_LEVELS if platform.machine().lower() in ("x86_64", "amd64") else {"default": []}
 
+
+def read_levels(path="csrc/kernels/levels.txt"):
+    """(the sources compiled once per level, {level: flags}) for this machine's architecture."""
+    arch = {"amd64": "x86_64"}.get(platform.machine().lower(), platform.machine().lower())
+    leveled, levels = set(), {}
+    with open(path) as f:
+        for line in f:
+            words = line.split("#", 1)[0].split()
+            if words[:1] == ["sources"]:
+                leveled = set(words[1:])
+            elif words[:1] == ["level"] and words[2] in ("any", arch):
+                levels[words[1]] = words[3:]
+    return leveled, levels
+
+
+LEVELED, LEVELS = read_levels()
 sources = sorted(glob.glob("csrc/kernels/*.c"))
 kernels = (
     "relora_kernels",
@@ -64,10 +71,10 @@ class build_clib(_build_clib):
 
 class build_ext(BuildExtension):
     """torch's BuildExtension compiles every source with the C++ compiler; build the plain C
-    extension (`_numpy`) with setuptools' own compile step so that it is compiled as C."""
+    extension (`numpy_ops`) with setuptools' own compile step so that it is compiled as C."""
 
     def build_extension(self, ext):
-        if ext.name != "relora_ext._numpy":
+        if ext.name != "relora_ext.numpy_ops":
             return super().build_extension(ext)
         patched = {k: self.compiler.__dict__.pop(k) for k in ("compile", "_compile")
                    if k in self.compiler.__dict__}
@@ -82,13 +89,22 @@ setup(
     ext_modules=[
         CppExtension(
             "relora_ext._C",
-            sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/**/*.cpp", recursive=True)),
+            ["csrc/relora.cpp", *sorted(glob.glob("csrc/ops/**/*.cpp", recursive=True))],
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": ["-O3", *openmp]},
             extra_link_args=openmp,
         ),
+        # test-only: its own copy of the portable implementations, under torch.ops.relora_testing
+        CppExtension(
+            "relora_ext._C_testing",
+            ["csrc/testing/module.cpp", "csrc/testing/ops.cpp", "csrc/ops/portable/cycle_kernels.cpp"],
+            include_dirs=[os.path.abspath("csrc")],
+            define_macros=[("RELORA_TESTING_MODULE", "1")],
+            extra_compile_args={"cxx": ["-O3", *openmp]},
+            extra_link_args=openmp,
+        ),
         Extension(
-            "relora_ext._numpy",
+            "relora_ext.numpy_ops",
             ["csrc/numpy_module.c"],
             include_dirs=["csrc", numpy.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_20_API_VERSION")],

@@ -20,22 +20,22 @@ Writes ``benchmarks/results/bench_distributed.json`` and the section ``bench_dis
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))  # _workers: the gloo launch helper the distributed tests use too
+
+from _workers import init_gloo, start_workers  # noqa: E402
 
 WORLD = 2
 
@@ -48,21 +48,12 @@ def _status_kib(field: str) -> int:
     return -1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, port, cfg, out_dir):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
     import relora_ext
     from relora_ext.tiny_llama import TinyLlama, TinyLlamaConfig
 
     base_rss = _status_kib("VmRSS")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=300))
+    init_gloo(rank, port, WORLD, timeout_s=300)
     torch.manual_seed(0)
     model = TinyLlama(TinyLlamaConfig(vocab_size=256, dim=cfg["dim"], n_layers=cfg["layers"], n_heads=4,
                                       max_seq_len=max(cfg["seq"], 64)))
@@ -127,7 +118,7 @@ def _worker(rank, port, cfg, out_dir):
 
 def run_config(cfg, out_dir):
     """Two fresh ranks for one configuration; returns the per-rank result dicts."""
-    mp.start_processes(_worker, args=(_free_port(), cfg, out_dir), nprocs=WORLD, join=True, start_method="spawn")
+    start_workers(_worker, cfg, out_dir, world=WORLD, join=True)
     return [json.loads(Path(out_dir, f"{cfg['name']}.{r}.json").read_text()) for r in range(WORLD)]
 
 

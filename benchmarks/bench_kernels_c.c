@@ -1,15 +1,11 @@
 /*
  * Micro-benchmark of the C kernels (no torch): min and median time of lora_merge and prune over repeats.
  *
- * The leveled kernels are built once per instruction-set level, as setup.py does; RELORA_CPU_CAPABILITY
- * picks the level at run time (csrc/kernels/cpu.h):
- *   for l in default:"" avx2:"-mavx2 -mfma -mf16c" \
- *            avx512:"-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq" \
- *            avx512_bf16:"-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16"; do
- *     for f in merge prune reset philox table; do
- *       gcc -O3 -std=c11 -fopenmp -Wno-psabi ${l#*:} -DRELORA_LEVEL=${l%%:*} -c csrc/kernels/$f.c -o /tmp/relora_${f}_${l%%:*}.o
- *   done; done
- *   gcc -O3 -std=c11 -fopenmp -Icsrc/kernels benchmarks/bench_kernels_c.c csrc/kernels/common.c csrc/kernels/cpu.c /tmp/relora_*.o -lm
+ * The leveled kernels are built once per instruction-set level (csrc/kernels/levels.txt), as setup.py does;
+ * RELORA_CPU_CAPABILITY picks the level at run time (csrc/kernels/cpu.h):
+ *   mkdir -p /tmp/relora_bench && objs=$(sh csrc/kernels/build_levels.sh gcc $(uname -m) /tmp/relora_bench \
+ *       -O3 -std=c11 -fopenmp -Wno-psabi)
+ *   gcc -O3 -std=c11 -fopenmp -Icsrc/kernels benchmarks/bench_kernels_c.c csrc/kernels/common.c csrc/kernels/cpu.c $objs -lm
  *   RELORA_CPU_CAPABILITY=avx2 ./a.out merge 4096 4096 64 0 0 2
  *   ./a.out merge O I R wdtype(0 f32, 1 bf16, 2 f16) rounding(0, 1) nthreads
  *   ./a.out prune n dtype ratio nthreads mode(0 magnitude, 1 random)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import statistics
@@ -28,7 +27,7 @@ import torch
 
 import relora_ext
 from _report import context, cpu_model, table, write_section
-from relora_ext import _C, ops
+from relora_ext import _C_testing, ops  # _C_testing: the level / merge-path switches (test-only module)
 
 # torch held to a level's instructions, as on a CPU that has no more. MKL ignores MKL_ENABLE_INSTRUCTIONS
 # on AMD CPUs; MKL_CBWR=COMPATIBLE holds it to its SSE2 code on any x86 CPU (a 2048^3 fp32 mm: 2.3x
@@ -100,11 +99,11 @@ def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync, b
 
                 def forced(p):
                     def f(W=W):
-                        _C._set_merge_path(p)
+                        _C_testing.set_merge_path(p)
                         try:
                             ops.merge_(W, A, B, s)
                         finally:
-                            _C._set_merge_path("auto")
+                            _C_testing.set_merge_path("auto")
                     return f
 
                 torch_exprs = {
@@ -164,7 +163,7 @@ def bench_merge(shapes, ranks, dtypes, repeats, bandwidth, peak, device, sync, b
 
 def merge_path(dtype, r) -> str:
     """The path merge_ takes on CPU at the level that runs (csrc/ops/cpu/cycle_kernels.cpp)."""
-    return "blas" if _C._merge_takes_blas(r) else "kernel"
+    return "blas" if _C_testing.merge_takes_blas(r) else "kernel"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,7 +179,7 @@ def quantile_prune_(x, ratio):
 def kthvalue_prune_(x, ratio):
     """A torch.kthvalue threshold (exact count only without ties)."""
     n = x.numel()
-    k = n - math.floor(ratio * n)
+    k = ops.keep_count(n, ratio)
     thr = torch.kthvalue(x.abs().flatten(), n - k + 1).values
     x.mul_(x.abs() >= thr)
 
@@ -355,7 +354,7 @@ def main():
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     if device == "cpu":
-        levels = args.levels.split(",") if args.levels else list(_C._cpu_capabilities())
+        levels = args.levels.split(",") if args.levels else list(_C_testing.cpu_capabilities())
         results = []
         for level in levels:
             env = dict(os.environ, RELORA_CPU_CAPABILITY=level, **TORCH_CAPS[level])

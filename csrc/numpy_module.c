@@ -1,13 +1,13 @@
 /*
- * relora_ext._numpy: the relora C kernels on NumPy arrays, through the NumPy C API.
+ * relora_ext.numpy_ops: the relora C kernels on NumPy arrays, through the NumPy C API.
  *
  * Same kernels, same semantics and same random streams as the torch operators: reset and prune are
  * bit-identical for the same data; merge too, except where torch's merge_ takes its BLAS path (the
  * `default` level at large r), which can differ in the last float32 bit. This module always runs the
  * fused kernel, at the level RELORA_CPU_CAPABILITY allows (read at the first kernel call, or at import).
  * This module links its own copy of the kernels, so its level is its own: cpu_capability() says which
- * level runs, _set_cpu_capability(name) forces one the CPU has (tests, benchmarks), as relora_ext._C's
- * functions of the same names do for the torch operators. Arrays are float32 or float16 (NumPy has no bfloat16),
+ * level runs, _set_cpu_capability(name) forces one the CPU has (tests, benchmarks), as
+ * relora_ext._C_testing.set_cpu_capability does for the torch operators. Arrays are float32 or float16 (NumPy has no bfloat16),
  * native byte order, aligned; the written arrays must be writeable. The GIL is released while a
  * kernel runs.
  */
@@ -92,8 +92,8 @@ static int parse_u64(PyObject *obj, const char *fn, const char *arg, uint64_t *o
     return 1;
 }
 
-/* A finite double in [lo, hi]; the kernels take scale and std as float, so their bounds are FLT_MAX
- * (a cast of a larger double to float is undefined behaviour). */
+/* A finite double in [lo, hi]; the kernels take scale and std as float, so their bounds are at most FLT_MAX
+ * (a cast of a larger double to float is undefined behaviour); std's is reset_std_max (reset.h). */
 static int check_real(double v, double lo, double hi, const char *fn, const char *arg)
 {
     if (!isfinite(v) || v < lo || v > hi) {
@@ -139,6 +139,34 @@ static int parse_nthreads(PyObject *obj, const char *fn, int *out)
         return 0;
     }
     *out = (overflow < 0 || n < 0) ? 0 : (int)n;
+    return 1;
+}
+
+/* The bytes [lo, hi) that array a spans (its strides may be negative). */
+static void byte_bounds(PyArrayObject *a, uintptr_t *lo, uintptr_t *hi)
+{
+    uintptr_t p = (uintptr_t)PyArray_DATA(a), l = p, h = p;
+    for (int d = 0; d < PyArray_NDIM(a); d++) {
+        const npy_intp extent = (PyArray_DIM(a, d) - 1) * PyArray_STRIDE(a, d);
+        if (PyArray_DIM(a, d) == 0) { *lo = *hi = p; return; }
+        if (extent < 0) l -= (uintptr_t)(-extent); else h += (uintptr_t)extent;
+    }
+    *lo = l;
+    *hi = h + (uintptr_t)PyArray_ITEMSIZE(a);
+}
+
+/* 0 with a ValueError naming both when `written` and `other` may share memory (the kernels would refuse too). */
+static int check_disjoint(PyArrayObject *written, PyArrayObject *other, const char *fn, const char *wname,
+                          const char *oname)
+{
+    uintptr_t w0, w1, o0, o1;
+    byte_bounds(written, &w0, &w1);
+    byte_bounds(other, &o0, &o1);
+    if (w0 < w1 && o0 < o1 && w0 < o1 && o0 < w1) {
+        PyErr_Format(PyExc_ValueError, "%s: %s overlaps %s in memory (%s is written in place while %s is read); "
+                     "pass arrays that do not share memory", fn, wname, oname, wname, oname);
+        return 0;
+    }
     return 1;
 }
 
@@ -207,7 +235,8 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     uint64_t seed = 0;
     if (seed_obj && seed_obj != Py_None && !parse_u64(seed_obj, "merge_", "seed", &seed)) return NULL;
-    if (!check_real(scale, -FLT_MAX, FLT_MAX, "merge_", "scale"))
+    if (!check_real(scale, -FLT_MAX, FLT_MAX, "merge_", "scale") || !check_disjoint(W, A, "merge_", "W", "A") ||
+        !check_disjoint(W, B, "merge_", "W", "B"))
         return NULL;
     relora_status status;
     Py_BEGIN_ALLOW_THREADS
@@ -245,7 +274,7 @@ static PyObject *py_reset(PyObject *self, PyObject *args, PyObject *kwargs)
     uint64_t seed, offset = 0;
     if (!parse_u64(seed_obj, "reset_", "seed", &seed) ||
         (offset_obj && !parse_u64(offset_obj, "reset_", "offset", &offset)) ||
-        !check_real(std, 0.0, FLT_MAX, "reset_", "std"))
+        !check_real(std, 0.0, reset_std_max(adt), "reset_", "std") || !check_disjoint(B, A, "reset_", "B", "A"))
         return NULL;
     relora_status status;
     Py_BEGIN_ALLOW_THREADS
@@ -367,12 +396,12 @@ static PyMethodDef numpy_methods[] = {
 };
 
 static struct PyModuleDef numpy_module = {
-    PyModuleDef_HEAD_INIT, "_numpy",
+    PyModuleDef_HEAD_INIT, "numpy_ops",
     "The relora C kernels on NumPy arrays (float32, float16). nthreads <= 0 uses OpenMP's default.",
     -1, numpy_methods,
 };
 
-PyMODINIT_FUNC PyInit__numpy(void)
+PyMODINIT_FUNC PyInit_numpy_ops(void)
 {
     import_array();
     (void)relora_cpu_level(); /* pick the level now (RELORA_CPU_CAPABILITY), as relora_ext does for _C */

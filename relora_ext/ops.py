@@ -14,15 +14,43 @@ from __future__ import annotations
 
 import torch
 
+from . import _C
 from ._checks import (F32_MAX, FLOAT_DTYPES, as_i64, check_choice, check_contiguous, check_disjoint, check_float,
-                      check_same_device, check_tensor, check_u64, check_writable)
+                      check_int, check_same_device, check_tensor, check_u64, check_writable)
 
-__all__ = ["merge_", "reset_", "prune_", "uniform_", "FLOAT_DTYPES"]
+__all__ = ["merge_", "reset_", "prune_", "uniform_", "keep_count", "reset_std_max", "FLOAT_DTYPES"]
 
 
 def _random_seed() -> int:
     """A seed drawn from torch's default generator, so that torch.manual_seed governs it."""
     return int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+
+
+# ------------------------------------------------------------------------------------------------
+# rules the C kernels hold, asked of them (csrc/kernels/common.c) rather than written again here
+
+_KERNEL_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/kernels/common.h
+
+
+def keep_count(n: int, ratio: float) -> int:
+    """The number of entries magnitude pruning keeps of ``n`` at ``ratio``: ``n - floor(ratio * n)``, with the
+    product in double precision (the C kernels' own rule). Example: ``keep_count(1000, 0.99) == 10``."""
+    n = check_int("keep_count", "n", n, lo=0, hi=(1 << 63) - 1)
+    ratio = check_float("keep_count", "ratio", ratio, lo=0.0, hi=1.0)
+    return _C._keep_count(n, ratio)
+
+
+def reset_std_max(dtype: torch.dtype) -> float:
+    """The largest ``std`` :func:`reset_` takes for ``A`` of ``dtype``: the draws are below ``6 * std`` in
+    magnitude, so up to this bound every entry of ``A`` stays finite in its dtype (``finfo(dtype).max / 6``).
+    Example: ``reset_std_max(torch.float16) == 65504 / 6`` (to float32 precision)."""
+    if dtype not in _RESET_STD_MAX:
+        raise TypeError(f"reset_std_max: dtype must be float32, bfloat16 or float16, got {dtype}")
+    return _RESET_STD_MAX[dtype]
+
+
+# read once, so that torch.compile traces a dict lookup rather than a call into _C
+_RESET_STD_MAX = {dt: _C._reset_std_max(code) for dt, code in _KERNEL_DTYPE_CODES.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,9 +98,10 @@ def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *,
     or float16; ``A`` and ``B`` share one of those dtypes. Each ``W[i, j]`` gets
     ``scale * sum_k B[i, k] A[k, j]`` accumulated in float32 and is rounded into ``W``'s dtype once,
     to nearest-even (``rounding="nearest"``) or stochastically (``rounding="stochastic"``, unbiased;
-    random bits from ``seed``, drawn from torch's generator when ``None``). If ``A`` or ``B`` holds
-    NaN or Inf a ``ValueError`` is raised and ``W`` is left unchanged. ``W`` may have padded rows
-    or be a transpose; no temporary the size of ``W`` is made on CPU.
+    random bits from ``seed``, drawn from torch's generator when ``None``: only then does ``merge_`` draw
+    from it, so a merge to nearest leaves the program's later random numbers as they were). If ``A`` or
+    ``B`` holds NaN or Inf a ``ValueError`` is raised and ``W`` is left unchanged. ``W`` may have padded
+    rows or be a transpose; no temporary the size of ``W`` is made on CPU.
 
     Example::
 
@@ -82,7 +111,9 @@ def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *,
     """
     scale, W, A, B = check_merge("merge_", W, A, B, scale)
     check_choice("merge_", "rounding", rounding, ("nearest", "stochastic"))
-    seed = as_i64(check_u64("merge_", "seed", _random_seed() if seed is None else seed))
+    if seed is None:  # round to nearest uses no random bits: draw none (and keep torch.compile free of data)
+        seed = _random_seed() if rounding == "stochastic" else 0
+    seed = as_i64(check_u64("merge_", "seed", seed))
     with torch.no_grad():
         torch.ops.relora.merge_(W, A, B, scale, rounding, seed)
 
@@ -100,8 +131,7 @@ def check_reset(fn: str, A: torch.Tensor, B: torch.Tensor, std: float, names=("A
         check_contiguous(fn, name, t)
         check_writable(fn, name, t)
     check_disjoint(fn, nA, A, nB, B)
-    # the normals are bounded by sqrt(2·24·ln 2) < 6 (uniforms >= 2⁻²⁴): below this std A stays finite
-    return check_float(fn, ns, std, lo=0.0, hi=torch.finfo(A.dtype).max / 6)
+    return check_float(fn, ns, std, lo=0.0, hi=reset_std_max(A.dtype))
 
 
 def reset_(A: torch.Tensor, B: torch.Tensor, *, std: float, seed: int, offset: int = 0) -> None:

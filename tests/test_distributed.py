@@ -4,20 +4,18 @@ Each test spawns 2 worker processes (``torch.multiprocessing``, 1 thread each) t
 ``tmp_path``; the assertions comparing with a single-process run happen in the pytest process.
 """
 
-import datetime
 import os
-import socket
 import sys
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from relora_ext import ReLoRAOptimizer, ops, wrap
 from relora_ext.tiny_llama import TinyLlama, TinyLlamaConfig
+from _workers import init_gloo, start_workers
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available")
@@ -34,17 +32,8 @@ VOCAB = 64
 # launching
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, fn, port, args):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+def _entry(rank, port, fn, args):
+    init_gloo(rank, port, WORLD, timeout_s=60)
     try:
         fn(rank, *args)
         dist.barrier()  # both ranks done with every collective before the group is torn down
@@ -59,7 +48,7 @@ def _entry(rank, fn, port, args):
 
 def spawn(fn, *args, timeout=150):
     """Run ``fn(rank, *args)`` on 2 gloo ranks; a worker's exception fails the test with its traceback."""
-    ctx = mp.start_processes(_entry, args=(fn, _free_port(), args), nprocs=WORLD, join=False, start_method="spawn")
+    ctx = start_workers(_entry, fn, args, world=WORLD, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
@@ -239,7 +228,7 @@ def _fsdp_merge_and_prune(rank, out_dir):
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     from relora_ext.distributed import merge_and_reset_sharded_, prune_sharded_
-    from relora_ext.lora import lora_layers
+    from relora_ext.model import lora_layers
 
     from torch.distributed.fsdp import fully_shard
 
@@ -367,7 +356,7 @@ def test_fsdp2_training_matches_single_process_and_sharded_checkpoint_resumes(tm
 
 def _fsdp_refusal_worker(rank, out_dir):
     from relora_ext import CycleRefused
-    from relora_ext.lora import lora_layers
+    from relora_ext.model import lora_layers
 
     model = _fsdp_model()
     opt = make_opt(model, reset_every=100)

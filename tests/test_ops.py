@@ -10,28 +10,17 @@ import torch
 from torch.testing import assert_close
 
 import relora_ext
-from relora_ext import ops
+from relora_ext import _C_testing, ops  # _C_testing: the level / merge-path switches and torch.ops.relora_testing
 from conftest import DEVICES, requires_cuda
+from _reference import (philox_words, reference_keep_count, reference_merge, reference_normals, reference_prune,
+                        ulp)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 1), (7, 33, 1), (33, 7, 7), (1, 64, 3), (64, 1, 5), (65, 129, 8), (100, 257, 33)]
 
 
-def ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of `dtype` numbers around the float64 values `v`."""
-    fi = torch.finfo(dtype)
-    mant = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
-    e = torch.floor(torch.log2(v.abs().clamp_min(fi.tiny)))
-    return torch.exp2(e - mant)
-
-
 # ------------------------------------------------------------------------------------------------
 # merge
-
-
-def reference_merge(W, A, B, scale):
-    """Exact W + scale * B @ A, in float64."""
-    return W.double() + scale * (B.double() @ A.double())
 
 
 def sample_merge(out, in_, r, wdtype, adtype, device="cpu", seed=0):
@@ -255,18 +244,6 @@ class TestReset:
 # prune
 
 
-def reference_prune(x: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Keep the n - floor(ratio n) largest |x| (NaN largest, ties to the lower index), in float64."""
-    flat = x.double().flatten()
-    n = flat.numel()
-    k = n - math.floor(ratio * n)
-    mag = flat.abs()  # NaN stays NaN, which a descending sort puts first
-    order = torch.sort(mag, descending=True, stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[order[:k]] = True
-    return torch.where(keep, flat, torch.zeros_like(flat)).view(x.shape)
-
-
 def sample_prune(n, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g)
@@ -284,7 +261,7 @@ class TestPrune:
         x = sample_prune(n, dtype, seed=n, device=device)
         expected = reference_prune(x.cpu(), ratio)
         kept = ops.prune_(x, ratio)
-        assert kept == n - math.floor(ratio * n)
+        assert kept == reference_keep_count(n, ratio)
         assert torch.equal(x.cpu().double(), expected)
 
     def test_ties_go_to_lower_index(self):
@@ -313,7 +290,7 @@ class TestPrune:
         n = 2 ** 24 + 3
         x = torch.randn(n, generator=torch.Generator().manual_seed(0))
         mag = x.abs()
-        k = n - math.floor(0.99 * n)
+        k = reference_keep_count(n, 0.99)
         threshold = torch.kthvalue(mag, n - k + 1).values  # the k-th largest (continuous: no ties)
         assert ops.prune_(x, 0.99) == k
         assert int((x != 0).sum()) == k
@@ -448,7 +425,7 @@ class TestCuda:
 # ------------------------------------------------------------------------------------------------
 # every instruction-set level this machine can run (csrc/kernels/cpu.h), in one pytest run
 
-LEVELS = list(relora_ext._C._cpu_capabilities())
+LEVELS = list(_C_testing.cpu_capabilities())
 ALL_LEVELS = ["default", "avx2", "avx512", "avx512_bf16"]
 LEVEL_SHAPES = [(1, 1, 1), (7, 33, 1), (33, 7, 7), (65, 129, 8), (100, 257, 33),  # odd
                 (64, 128, 8), (96, 256, 64), (256, 64, 16)]  # round
@@ -458,54 +435,26 @@ LEVEL_SHAPES = [(1, 1, 1), (7, 33, 1), (33, 7, 7), (65, 129, 8), (100, 257, 33),
 def cpu_level(request):
     """Run the C kernels at one level for the test, then go back to the level that ran before."""
     saved = relora_ext._C._cpu_capability()
-    relora_ext._C._set_cpu_capability(request.param)
+    _C_testing.set_cpu_capability(request.param)
     yield request.param
-    relora_ext._C._set_cpu_capability(saved)
+    _C_testing.set_cpu_capability(saved)
 
 
 @pytest.fixture(params=["kernel", "blas"])
 def merge_path(request):
     """Force merge_'s CPU path (fused kernel, or torch's BLAS + our epilogue) for the test."""
-    relora_ext._C._set_merge_path(request.param)
+    _C_testing.set_merge_path(request.param)
     yield request.param
-    relora_ext._C._set_merge_path("auto")
+    _C_testing.set_merge_path("auto")
 
 
 def at_level(level, fn):
     saved = relora_ext._C._cpu_capability()
-    relora_ext._C._set_cpu_capability(level)
+    _C_testing.set_cpu_capability(level)
     try:
         return fn()
     finally:
-        relora_ext._C._set_cpu_capability(saved)
-
-
-def philox_words(seed: int, offset: int, n: int):
-    """Words 0 .. n-1 of Philox stream (seed, offset) (csrc/kernels/philox.h), with NumPy uint64."""
-    import numpy as np
-
-    m = np.uint64(0xFFFFFFFF)
-    blocks = np.arange((n + 3) // 4, dtype=np.uint64)
-    c = [blocks & m, blocks >> np.uint64(32), np.full_like(blocks, offset & 0xFFFFFFFF),
-         np.full_like(blocks, offset >> 32)]
-    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
-    for r in range(10):
-        if r:
-            k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
-        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
-        c = [(p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0), p1 & m,
-             (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1), p0 & m]
-    return np.stack(c, axis=1).reshape(-1)[:n]
-
-
-def reference_normals(seed: int, offset: int, n: int) -> torch.Tensor:
-    """The normals of reset_ (Box-Muller on Philox words), in float64."""
-    w = torch.from_numpy(philox_words(seed, offset, n + 4).astype("int64"))
-    u = ((w >> 8) + 1).double() * 2.0 ** -24
-    pairs = u[: (n + 1) // 2 * 2 + 2].view(-1, 2)
-    r = torch.sqrt(-2 * torch.log(pairs[:, 0]))
-    t = 2 * math.pi * pairs[:, 1]
-    return torch.stack([r * torch.cos(t), r * torch.sin(t)], dim=1).reshape(-1)[:n]
+        _C_testing.set_cpu_capability(saved)
 
 
 class TestCpuLevels:
@@ -513,13 +462,13 @@ class TestCpuLevels:
         assert relora_ext.cpu_capability() in LEVELS
         assert LEVELS == ALL_LEVELS[: len(LEVELS)] or LEVELS == ["default"]
         with pytest.raises(ValueError, match="level must be one of"):
-            relora_ext._C._set_cpu_capability("sse9")
+            _C_testing.set_cpu_capability("sse9")
 
     @pytest.mark.skipif(LEVELS == ALL_LEVELS, reason="every level runs on this CPU")
     def test_level_above_cpu_refused(self):
         above = ALL_LEVELS[len(LEVELS)]
         with pytest.raises(ValueError, match="does not support|must be one of"):
-            relora_ext._C._set_cpu_capability(above)
+            _C_testing.set_cpu_capability(above)
         assert relora_ext.cpu_capability() in LEVELS
 
     @pytest.mark.parametrize("level", LEVELS + ["bogus"])
@@ -588,12 +537,12 @@ class TestCpuLevels:
         W1, A, B = sample_merge(300, 520, 64, torch.float32, torch.float32)
         W2 = W1.clone()
         try:
-            relora_ext._C._set_merge_path("kernel")
+            _C_testing.set_merge_path("kernel")
             ops.merge_(W1, A, B, 0.5)
-            relora_ext._C._set_merge_path("blas")
+            _C_testing.set_merge_path("blas")
             ops.merge_(W2, A, B, 0.5)
         finally:
-            relora_ext._C._set_merge_path("auto")
+            _C_testing.set_merge_path("auto")
         assert_close(W1, W2, rtol=4e-7, atol=1e-6)
 
     @pytest.mark.parametrize("scale", [0.125, 2.0 ** -6, -0.5, 1.0, 4.0])
@@ -614,13 +563,13 @@ class TestCpuLevels:
         elif tiny == "overflow":
             A[0, :], B[:, 0] = 2.0 ** 100, 2.0 ** 100
         try:
-            relora_ext._C._set_merge_path("kernel")
+            _C_testing.set_merge_path("kernel")
             P = torch.zeros(out, in_)
             ops.merge_(P, A, B, 1.0)
             got = W.clone()
             ops.merge_(got, A, B, scale)
         finally:
-            relora_ext._C._set_merge_path("auto")
+            _C_testing.set_merge_path("auto")
         assert bool(torch.isfinite(P).all()) or tiny == "overflow"
         assert torch.equal(got, W + scale * P)
 
@@ -635,7 +584,7 @@ class TestCpuLevels:
         env["RELORA_CPU_CAPABILITY"] = "default"
         if cbwr is not None:
             env["MKL_CBWR"] = cbwr
-        code = "from relora_ext import _C; print([_C._merge_takes_blas(r) for r in (8, 31, 32, 256)])"
+        code = "from relora_ext import _C_testing; print([_C_testing.merge_takes_blas(r) for r in (8, 31, 32, 256)])"
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         has_avx = os.path.exists("/proc/cpuinfo") and "avx" in open("/proc/cpuinfo").read().split()
         wide = has_avx and cbwr != "COMPATIBLE"  # only COMPATIBLE holds MKL to SSE2 on every x86 CPU
@@ -643,7 +592,7 @@ class TestCpuLevels:
 
     def test_merge_auto_path_kernel_from_avx2_up(self):
         for level in LEVELS[1:]:
-            assert not at_level(level, lambda: any(relora_ext._C._merge_takes_blas(r) for r in (8, 64, 256)))
+            assert not at_level(level, lambda: any(_C_testing.merge_takes_blas(r) for r in (8, 64, 256)))
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (64, 4099), (256, 1024)])
@@ -677,7 +626,7 @@ class TestCpuLevels:
         x[n // 3] = float("nan")
         expected = reference_prune(x, ratio)
         kept = ops.prune_(x, ratio)
-        assert kept == n - math.floor(ratio * n)
+        assert kept == reference_keep_count(n, ratio)
         assert torch.equal(x.double().nan_to_num(7.0), expected.nan_to_num(7.0))
 
     @pytest.mark.parametrize("dtype", DTYPES)
@@ -703,19 +652,19 @@ def test_portable_kernels_refuse_what_the_cpu_kernels_refuse():
     T = torch.ops.relora_testing
     W, B = torch.ones(8, 1 << 10), torch.ones(8, 2)
     W0 = W.clone()
-    with pytest.raises(ValueError, match="merge_: A and B must not share memory with W"):
+    with pytest.raises(ValueError, match="merge_: W overlaps A in memory"):
         T.merge_portable_(W, W[:2], B, 1.0, "nearest", 0)
     for scale in (math.nan, math.inf, 1e39):
         with pytest.raises(ValueError, match="merge_: scale must be finite"):
             T.merge_portable_(W, torch.randn(2, 1 << 10), B, scale, "nearest", 0)
     assert torch.equal(W, W0)
     a = torch.zeros(10)
-    with pytest.raises(ValueError, match="reset_: A and B must not share memory"):
+    with pytest.raises(ValueError, match="reset_: B overlaps A in memory"):
         T.reset_portable_(a, a, 1.0, 0, 0)
-    with pytest.raises(ValueError, match="reset_: A and B must not share memory"):
+    with pytest.raises(ValueError, match="reset_: B overlaps A in memory"):
         T.reset_portable_(a[:5], a[4:], 1.0, 0, 0)   # partial overlap
     b = torch.ones(3)
-    with pytest.raises(ValueError, match="reset_: std must be finite"):
+    with pytest.raises(ValueError, match="reset_: std must be a finite number in"):
         T.reset_portable_(torch.empty(10), b, 1e39, 0, 0)
     assert torch.equal(a, torch.zeros(10)) and torch.equal(b, torch.ones(3))
 
@@ -723,7 +672,7 @@ def test_portable_kernels_refuse_what_the_cpu_kernels_refuse():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_reset_std_is_bounded_so_that_A_stays_finite(dtype):
     A, B = torch.empty(1000, dtype=dtype), torch.ones(3, dtype=dtype)
-    limit = torch.finfo(dtype).max / 6
+    limit = ops.reset_std_max(dtype)  # finfo.max / 6, to float32 precision (the kernels take std as float32)
     with pytest.raises(ValueError, match="reset_: std must be a finite number"):
         ops.reset_(A, B, std=limit * 1.01, seed=0)
     assert torch.equal(B, torch.ones(3, dtype=dtype))
@@ -735,3 +684,165 @@ def test_an_expanded_W_is_refused_with_the_strides_the_user_passed():
     W = torch.randn(6, 1).expand(6, 5)
     with pytest.raises(ValueError, match=r"merge_: W is written in place but its elements overlap .*strides \(1, 0\)"):
         ops.merge_(W, torch.randn(2, 5), torch.randn(6, 2), 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 20: refusals change nothing, the rules are the kernels' own, merging draws no random numbers
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_reset_std_bound_is_the_kernels_one_on_every_path(dtype):
+    """One rule (csrc/kernels/common.c reset_std_max): the wrapper, the operator called directly, and the
+    portable implementation refuse the same std, and change nothing when they do."""
+    limit = ops.reset_std_max(dtype)
+    assert limit == pytest.approx(torch.finfo(dtype).max / 6, rel=1e-6)
+    too_big = limit * 1.01
+    for call in (lambda A, B: ops.reset_(A, B, std=too_big, seed=0),
+                 lambda A, B: torch.ops.relora.reset_(A, B, too_big, 0, 0),
+                 lambda A, B: torch.ops.relora_testing.reset_portable_(A, B, too_big, 0, 0)):
+        A, B = torch.full((64,), 2.0, dtype=dtype), torch.ones(3, dtype=dtype)
+        with pytest.raises(ValueError, match="reset_: std must be a finite number in"):
+            call(A, B)
+        assert bool((A == 2).all()) and bool((B == 1).all())
+    A, B = torch.empty(64, dtype=dtype), torch.ones(3, dtype=dtype)
+    torch.ops.relora.reset_(A, B, limit, 0, 0)
+    assert bool(torch.isfinite(A).all())
+
+
+def test_keep_count_is_the_kernels_rule():
+    for n, ratio in [(0, 0.5), (1, 0.99), (7, 0.5), (1000, 0.99), (10_007, 0.99), (3, 1.0), (5, 0.0), (10, 0.3)]:
+        assert ops.keep_count(n, ratio) == reference_keep_count(n, ratio)
+        x = torch.randn(n)
+        assert ops.prune_(x, ratio) == ops.keep_count(n, ratio)
+    with pytest.raises(ValueError, match="keep_count: ratio must be a finite number in"):
+        ops.keep_count(5, 1.5)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_merge_draws_random_numbers_only_for_stochastic_rounding(rounding):
+    W, A, B = sample_merge(8, 6, 2, torch.bfloat16, torch.bfloat16)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    ops.merge_(W, A, B, 0.5, rounding=rounding)
+    assert torch.equal(torch.get_rng_state(), before) == (rounding == "nearest")
+
+
+@pytest.mark.parametrize("name", ["merge_", "reset_", "prune_", "uniform_"])
+def test_every_public_op_compiles_with_fullgraph(name):
+    """torch.compile(fullgraph=True) of each op of ops.__all__ with its default arguments: same result as eager."""
+    def args():
+        g = torch.Generator().manual_seed(0)
+        W, A, B = torch.randn(9, 7, generator=g), torch.randn(3, 7, generator=g), torch.randn(9, 3, generator=g)
+        return {"merge_": (lambda W, A, B: ops.merge_(W, A, B, 0.5), (W, A, B)),
+                "reset_": (lambda A, B: ops.reset_(A, B, std=0.1, seed=1), (A, B)),
+                "prune_": (lambda x: ops.prune_(x, 0.5), (W,)),
+                "uniform_": (lambda x: ops.uniform_(x, seed=1), (W,))}[name]
+    fn, eager = args()
+    fn(*eager)
+    fn, compiled = args()
+    torch._dynamo.reset()
+    torch.compile(fn, fullgraph=True)(*compiled)
+    for e, c in zip(eager, compiled):
+        assert torch.equal(e, c)
+    assert set(ops.__all__) - {"FLOAT_DTYPES", "keep_count", "reset_std_max"} == {"merge_", "reset_", "prune_", "uniform_"}
+
+
+def test_huge_scale_is_a_value_error_naming_it():
+    W = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="merge_: scale must be a finite number .* got an int of 401 digits"):
+        ops.merge_(W, torch.ones(2, 3), torch.ones(4, 2), 10 ** 400)
+    assert torch.equal(W, torch.zeros(4, 3))
+
+
+def test_overlap_refused_by_the_operators_names_both_tensors():
+    """Called directly (as torch.compile does, past the wrapper's check), the CPU operators say which tensor overlaps which."""
+    W, B = torch.ones(8, 16), torch.ones(8, 2)
+    with pytest.raises(ValueError, match="merge_: W overlaps A in memory"):
+        torch.ops.relora.merge_(W, W[:2], B, 1.0, "nearest", 0)
+    with pytest.raises(ValueError, match="merge_: W overlaps B in memory"):
+        torch.ops.relora.merge_(W, torch.ones(2, 16), W[:, :2], 1.0, "nearest", 0)
+    assert torch.equal(W, torch.ones(8, 16))
+    a = torch.ones(10)
+    with pytest.raises(ValueError, match="reset_: B overlaps A in memory"):
+        torch.ops.relora.reset_(a[:5], a[4:], 1.0, 0, 0)
+    assert torch.equal(a, torch.ones(10))
+
+
+def test_test_only_entry_points_are_not_in_the_installed_module():
+    import subprocess
+    import sys
+
+    code = ("import torch, relora_ext; from relora_ext import _C; "
+            "print(sorted(n for n in dir(_C) if not n.startswith('__')), hasattr(torch.ops.relora_testing, 'merge_portable_'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "False"  # relora_testing is registered only by relora_ext._C_testing
+    assert not any(n in " ".join(out) for n in ("set_cpu_capability", "merge_path", "merge_takes_blas",
+                                                "cpu_capabilities"))
+
+
+class TestSSTRenormalize:
+    """relora::sst_renormalize_ (csrc/ops/sst_linear.cpp): every layer checked before any changes."""
+
+    @staticmethod
+    def layer(out=6, in_=5, m=5, r=2, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(out, r, generator=g), torch.randn(in_, r, generator=g), torch.rand(m, generator=g) + 1,
+                torch.tensor([0, 3]))
+
+    def call(self, layers):
+        Ua, Va, s, S = zip(*layers)
+        torch.ops.relora.sst_renormalize_(list(Ua), list(Va), list(s), list(S))
+
+    def test_a_bad_layer_1_leaves_layer_0_unchanged(self):
+        good = self.layer()
+        saved = [t.clone() for t in good]
+        Ua, Va, s, S = self.layer(seed=1)
+        expanded = (torch.randn(6, 1).expand(6, 2), Va, s, S)
+        with pytest.raises(ValueError, match="layer 1: U_active is written in place but its elements overlap"):
+            self.call([good, expanded])
+        for t, t0 in zip(good, saved):
+            assert torch.equal(t, t0)
+
+    def test_requires_grad_in_grad_mode_is_refused(self):
+        Ua, Va, s, S = self.layer()
+        Ua.requires_grad_(True)
+        Ua0, Va0, s0 = Ua.detach().clone(), Va.clone(), s.clone()
+        with pytest.raises(ValueError, match="layer 0: U_active requires grad .* torch.no_grad"):
+            self.call([(Ua, Va, s, S)])
+        assert torch.equal(Ua.detach(), Ua0) and torch.equal(Va, Va0) and torch.equal(s, s0)
+        with torch.no_grad():
+            self.call([(Ua, Va, s, S)])
+        assert_close(Ua.detach().norm(dim=0).double(), torch.ones(2, dtype=torch.float64))
+
+    def test_U_active_is_V_active_is_refused_clearly(self):
+        t = torch.randn(5, 2)
+        s, S = torch.rand(5) + 1, torch.tensor([0, 3])
+        t0, s0 = t.clone(), s.clone()
+        with pytest.raises(ValueError, match="layer 0: U_active and V_active share memory"):
+            torch.ops.relora.sst_renormalize_([t], [t], [s], [S])
+        assert torch.equal(t, t0) and torch.equal(s, s0)
+
+    def test_result_against_float64(self):
+        layers = [self.layer(seed=i) for i in range(2)]
+        ref = []
+        for Ua, Va, s, S in layers:
+            nu, nv = Ua.double().norm(dim=0), Va.double().norm(dim=0)
+            s2 = s.double().clone()
+            s2[S] *= nu * nv
+            ref.append((Ua.double() / nu, Va.double() / nv, s2))
+        self.call(layers)
+        for (Ua, Va, s, S), (rU, rV, rs) in zip(layers, ref):
+            assert_close(Ua.double(), rU, rtol=1e-6, atol=1e-6)
+            assert_close(Va.double(), rV, rtol=1e-6, atol=1e-6)
+            assert_close(s.double(), rs, rtol=1e-6, atol=1e-6)
+
+
+def test_sst_linear_bad_active_names_the_argument_range_and_value():
+    g = torch.Generator().manual_seed(0)
+    x, U, V, sigma = torch.randn(3, 5, generator=g), torch.randn(6, 5, generator=g), torch.randn(5, 5, generator=g), \
+        torch.rand(5, generator=g)
+    Ua, Va = torch.randn(6, 2, generator=g), torch.randn(5, 2, generator=g)
+    for active in (torch.tensor([1, 7]), torch.tensor([-1, 2])):
+        with pytest.raises(IndexError, match=r"sst_linear: active must index sigma's 5 entries \(each in \[0, 5\)\), "
+                                             r"got active\[\d\] = (7|-1)"):
+            torch.ops.relora.sst_linear(x, U, V, sigma, active, Ua, Va, None)

@@ -32,6 +32,7 @@ typedef enum {
     RELORA_ERR_ARG = 1,       /* a size, stride or enum argument is out of range */
     RELORA_ERR_NONFINITE = 2, /* an input holds NaN or Inf; outputs untouched */
     RELORA_ERR_NOMEM = 3,     /* an allocation failed; outputs untouched */
+    RELORA_ERR_OVERLAP = 4,   /* an output overlaps an input in memory; outputs untouched */
 } relora_status;
 
 typedef enum {

@@ -654,7 +654,7 @@ relora_status lora_merge_check(const void *W, relora_dtype wdtype, int64_t ldw,
     const int64_t wes = (int64_t)relora_dtype_size(wdtype), aes = (int64_t)relora_dtype_size(adtype);
     const int64_t wbytes = (O > 0 && I > 0) ? ((O - 1) * ldw + I) * wes : 0;
     if (range_overlap(W, wbytes, A, R * I * aes) || range_overlap(W, wbytes, B, O * R * aes))
-        return RELORA_ERR_ARG;
+        return RELORA_ERR_OVERLAP;
     const int nt = relora_threads(nthreads);
     if (has_nonfinite(A, adtype, R * I, nt) || has_nonfinite(B, adtype, O * R, nt))
         return RELORA_ERR_NONFINITE;

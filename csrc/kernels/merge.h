@@ -26,7 +26,7 @@
  * and partial sums below 2^-126 are flushed to zero (an absolute error below 2^-126 * R per element).
  * A bf16 W rounded to nearest uses vcvtne2ps2bf16 (RNE, also FTZ): segments whose fp32 result is
  * subnormal fall back to the scalar rounding, so W's rounding is exactly round-to-nearest-even.
- * Aliasing: W must not overlap A or B (checked: RELORA_ERR_ARG). O, I >= 0 and R >= 1 (R = 0 is
+ * Aliasing: W must not overlap A or B (checked: RELORA_ERR_OVERLAP). O, I >= 0 and R >= 1 (R = 0 is
  * RELORA_ERR_ARG); ldw >= I; scale must be finite (else RELORA_ERR_ARG). Pointers may be NULL where the
  * matching tensor is empty.
  */

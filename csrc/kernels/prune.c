@@ -26,17 +26,6 @@
 #define LO_BINS 65536          /* pass 2 bins: 16 bits */
 #define ROUND_MAX ((int64_t)1 << 31) /* elements per histogram round: uint32 counters cannot overflow */
 
-int64_t prune_keep_count(int64_t n, double ratio)
-{
-    if (n <= 0) return 0;
-    if (!(ratio > 0.0)) return n;   /* also NaN: keep everything (callers validate ratio first) */
-    if (ratio >= 1.0) return 0;
-    int64_t drop = (int64_t)floor(ratio * (double)n);
-    if (drop < 0) drop = 0;
-    if (drop > n) drop = n;
-    return n - drop;
-}
-
 static relora_status check_args(const void *x, relora_dtype dtype, int64_t n, double ratio)
 {
     if (!dtype_valid(dtype)) return RELORA_ERR_ARG;

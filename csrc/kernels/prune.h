@@ -21,7 +21,8 @@
 
 #include "common.h"
 
-/* k = n - floor(ratio * n), computed once here so that every caller agrees. */
+/* k = n - floor(ratio * n) (ratio in [0, 1]; n <= 0 gives 0), computed once here (common.c, not per level) so
+ * that every caller agrees: relora_ext.ops.keep_count asks it too. */
 int64_t prune_keep_count(int64_t n, double ratio);
 
 relora_status prune_magnitude(void *x, relora_dtype dtype, int64_t n, double ratio,

@@ -20,7 +20,7 @@ static relora_status check_flat(const void *x, relora_dtype dtype, int64_t n)
     return RELORA_OK;
 }
 
-static int std_valid(float std) { return isfinite(std) && std >= 0.0f; }
+static int std_valid(float std, relora_dtype dtype) { return std >= 0.0f && std <= reset_std_max(dtype); }
 
 /* x[e] for e in [64 g, 64 g + count) with count <= 64: x = round(std * z_e). */
 static void normal_group(void *x, relora_dtype dtype, int64_t g, int count, float std,
@@ -66,7 +66,7 @@ relora_status normal_fill(void *x, relora_dtype dtype, int64_t n, float std,
 {
     relora_status st = check_flat(x, dtype, n);
     if (st != RELORA_OK) return st;
-    if (!std_valid(std)) return RELORA_ERR_ARG;
+    if (!std_valid(std, dtype)) return RELORA_ERR_ARG;
     normal_fill_unchecked(x, dtype, n, std, seed, offset, nthreads);
     return RELORA_OK;
 }
@@ -77,12 +77,12 @@ relora_status lora_reset(void *A, int64_t n_a, void *B, int64_t n_b, relora_dtyp
     relora_status st = check_flat(A, dtype, n_a);
     if (st == RELORA_OK) st = check_flat(B, dtype, n_b);
     if (st != RELORA_OK) return st;
-    if (!std_valid(std)) return RELORA_ERR_ARG;
+    if (!std_valid(std, dtype)) return RELORA_ERR_ARG;
     const size_t es = relora_dtype_size(dtype);
     if (n_a > 0 && n_b > 0) { /* refuse overlapping A and B */
         uintptr_t a0 = (uintptr_t)A, a1 = a0 + (size_t)n_a * es;
         uintptr_t b0 = (uintptr_t)B, b1 = b0 + (size_t)n_b * es;
-        if (a0 < b1 && b0 < a1) return RELORA_ERR_ARG;
+        if (a0 < b1 && b0 < a1) return RELORA_ERR_OVERLAP;
     }
     if (n_b > 0) memset(B, 0, (size_t)n_b * es);
     normal_fill_unchecked(A, dtype, n_a, std, seed, offset, nthreads);

@@ -13,6 +13,7 @@
 
 extern "C" {
 #include "kernels/common.h"
+#include "kernels/reset.h"
 }
 
 namespace relora {
@@ -69,12 +70,15 @@ inline void check_f32_scalar(double v, const char* op, const char* arg, bool non
 }
 
 inline void check_reset_args(const at::Tensor& A, const at::Tensor& B, double std) {
-  kernel_dtype(A, "reset_", "A");
+  const relora_dtype dt = kernel_dtype(A, "reset_", "A");
   TORCH_CHECK_TYPE(A.scalar_type() == B.scalar_type(), "reset_: A and B must share a dtype, got ",
                    A.scalar_type(), " and ", B.scalar_type());
   TORCH_CHECK_VALUE(A.device() == B.device(), "reset_: A and B must be on one device, got ", A.device(),
                     " and ", B.device());
-  check_f32_scalar(std, "reset_", "std", true);
+  // the kernels' bound (kernels/reset.h): every |A| < 6 std must fit A's dtype
+  const double hi = reset_std_max(dt);
+  TORCH_CHECK_VALUE(std::isfinite(std) && std >= 0 && std <= hi, "reset_: std must be a finite number in [0, ", hi,
+                    "] for ", A.scalar_type(), " A (every |A| < 6 std must fit the dtype), got ", std);
 }
 
 // Whether a and b share memory (conservative where ATen cannot tell: views of one storage with gaps).
@@ -82,6 +86,14 @@ inline void check_reset_args(const at::Tensor& A, const at::Tensor& B, double st
 inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
   return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
+}
+
+// Refuse `written` sharing memory with `other`, naming both (before anything is written).
+inline void check_disjoint(const char* op, const char* written_name, const at::Tensor& written,
+                           const char* other_name, const at::Tensor& other) {
+  TORCH_CHECK_VALUE(!may_overlap(written, other), op, ": ", written_name, " overlaps ", other_name,
+                    " in memory (", written_name, " is written in place while ", other_name,
+                    " is read); pass tensors that do not share memory");
 }
 
 }  // namespace relora

@@ -34,9 +34,13 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <ATen/MemoryOverlap.h>
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
+#include <utility>
 #include <tuple>
 #include <vector>
 
@@ -46,6 +50,28 @@ namespace {
 const char* kOp = "sst_linear";
 
 bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Whether t's values can be read here without a device synchronisation or a traced (fake, functional)
+// tensor: a plain CPU tensor with its data.
+bool readable_on_host(const at::Tensor& t) {
+  return t.is_cpu() && t.has_storage() && !t.key_set().has(c10::DispatchKey::Python) &&
+         !t.key_set().has(c10::DispatchKey::Functionalize);
+}
+
+// Every entry of `active` (r,) an index into Σ's m directions, no direction twice (checked where the values
+// can be read: see readable_on_host). `where` prefixes the message ("sst_linear", "sst_renormalize_: layer 1").
+void check_active(const std::string& where, const at::Tensor& active, int64_t m) {
+  if (!readable_on_host(active)) return;
+  const at::Tensor Sc = active.contiguous();
+  const int64_t* idx = Sc.const_data_ptr<int64_t>();
+  std::vector<char> seen(static_cast<size_t>(m), 0);
+  for (int64_t j = 0; j < Sc.numel(); j++) {
+    TORCH_CHECK_INDEX(idx[j] >= 0 && idx[j] < m, where, ": active must index sigma's ", m,
+                      " entries (each in [0, ", m, ")), got active[", j, "] = ", idx[j]);
+    TORCH_CHECK_VALUE(!seen[idx[j]], where, ": active must not repeat a direction, got ", idx[j], " twice");
+    seen[idx[j]] = 1;
+  }
+}
 
 void check_args(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& sigma,
                 const at::Tensor& active, const at::Tensor& Ua, const at::Tensor& Va,
@@ -76,6 +102,7 @@ void check_args(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, c
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == U.size(0), kOp,
                       ": bias must be (out,), got ", bias->sizes());
   }
+  check_active(kOp, active, sigma.size(0));
 }
 
 // t in dtype dt (a copy only where the dtypes differ: aten::to would return t itself, an alias).
@@ -265,8 +292,10 @@ bool renormalize_dtype(at::ScalarType t) {
 
 // For each layer i: unit-length columns of U_active[i] (out, r) and V_active[i] (in, r), their norms
 // moved into sigma[i] at active[i] (the function is unchanged), then sigma[i] >= 0. A column with a zero
-// norm is left as it is. Every layer is checked before any is changed. Layers run one after the other
-// (a list may name one tensor twice); contiguous CPU layers take the loop above, others ATen ops (any
+// norm is left as it is. Every layer is checked before any is changed (shapes, dtypes, devices, the
+// active indices on CPU, no written tensor that requires grad under grad mode, none with overlapping
+// elements or sharing memory with another of its layer). Layers run one after the other (two layers may
+// name one tensor); contiguous CPU layers take the loop above, others ATen ops (any
 // device) that compute the same: the division in the dtype's arithmetic type, Σ's product in double.
 // Both bump the tensors' versions, so a graph that saved them notices.
 void sst_renormalize_(at::TensorList U_active, at::TensorList V_active, at::TensorList sigma,
@@ -291,17 +320,27 @@ void sst_renormalize_(at::TensorList U_active, at::TensorList V_active, at::Tens
     TORCH_CHECK_VALUE(Va.device() == Ua.device() && s.device() == Ua.device() && S.device() == Ua.device(),
                       "sst_renormalize_: layer ", i, ": U_active, V_active, sigma and active must be on one "
                       "device, got ", Ua.device(), ", ", Va.device(), ", ", s.device(), ", ", S.device());
-    if (Ua.is_cpu()) {  // (on a GPU this would cost a synchronisation every step)
-      const at::Tensor Sc = S.contiguous();
-      const int64_t* idx = Sc.data_ptr<int64_t>();
-      std::vector<char> seen(static_cast<size_t>(s.size(0)), 0);
-      for (int64_t j = 0; j < Sc.numel(); j++) {
-        TORCH_CHECK_INDEX(idx[j] >= 0 && idx[j] < s.size(0), "sst_renormalize_: layer ", i,
-                          ": active must index sigma's ", s.size(0), " entries, got ", idx[j]);
-        TORCH_CHECK_VALUE(!seen[idx[j]], "sst_renormalize_: layer ", i,
-                          ": active must not repeat a direction, got ", idx[j], " twice");
-        seen[idx[j]] = 1;
-      }
+    check_active("sst_renormalize_: layer " + std::to_string(i), S, s.size(0));  // (CPU only: no GPU sync a step)
+  }
+  for (size_t i = 0; i < n; ++i) {  // what is written in place: each tensor once, none a leaf autograd tracks
+    const std::string layer = "sst_renormalize_: layer " + std::to_string(i);
+    const at::Tensor &Ua = U_active[i], &Va = V_active[i], &s = sigma[i];
+    const std::pair<const char*, const at::Tensor*> written[3] = {{"U_active", &Ua}, {"V_active", &Va}, {"sigma", &s}};
+    for (int a = 0; a < 3; a++) {
+      const char* name = written[a].first;
+      const at::Tensor& t = *written[a].second;
+      TORCH_CHECK_VALUE(!(c10::GradMode::is_enabled() && t.requires_grad()), layer, ": ", name,
+                        " requires grad and is written in place; the op has no derivative, call it under "
+                        "torch.no_grad()");
+      TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, layer, ": ", name,
+                        " is written in place but its elements overlap (an expanded view?), got shape ",
+                        t.sizes(), " with strides ", t.strides(), "; pass a tensor with its own memory");
+      for (int b = 0; b < a; b++)  // each column is normalised once: U_active and V_active must be two tensors
+        TORCH_CHECK_VALUE(t.numel() == 0 || written[b].second->numel() == 0 ||
+                              !t.storage().is_alias_of(written[b].second->storage()) ||
+                              at::get_overlap_status(t, *written[b].second) == at::MemOverlapStatus::No,
+                          layer, ": ", written[b].first, " and ", name, " share memory (the same tensor named "
+                          "twice?); each is normalised in place, so they must be separate tensors");
     }
   }
   for (size_t i = 0; i < n; ++i) {

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build the C kernels with the test program under AddressSanitizer + UBSan and run it, twice: with the
 # intrinsic fast paths (the AVX512-BF16 merge at that level) and with RELORA_NO_INTRINSICS (the plain C
-# paths only). Each build compiles the leveled kernels once per instruction-set level, as setup.py does,
+# paths only). Each build compiles the leveled kernels once per instruction-set level (csrc/kernels/levels.txt,
+# through csrc/kernels/build_levels.sh), as setup.py does,
 # and the test program runs every level this CPU supports (csrc/kernels/cpu.h).
 # On x86-64, if aarch64-linux-gnu-gcc and qemu-aarch64 are on PATH, also cross-builds the kernels for
 # aarch64 and runs the same tests under qemu (else prints one line saying they were skipped).
@@ -14,29 +15,11 @@ mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 cc=${CC:-gcc}
 common="-std=c11 -O1 -g -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -Wno-psabi -I$kernels"
-case "$(uname -m)" in
-    x86_64|amd64) levels="default avx2 avx512 avx512_bf16" ;;
-    *) levels="default" ;;
-esac
-level_flags() {
-    case "$1" in
-        avx2) echo "-mavx2 -mfma -mf16c" ;;
-        avx512) echo "-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq" ;;
-        avx512_bf16) echo "-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16" ;;
-        *) echo "" ;;
-    esac
-}
 rc=0
 for extra in "" "-DRELORA_NO_INTRINSICS"; do
-    echo "== build: levels $levels ${extra:-(with intrinsics)}"
-    objs=""
-    for level in $levels; do
-        for src in merge prune reset philox table; do
-            o="$work/${src}_$level.o"
-            $cc $common $extra $(level_flags $level) -DRELORA_LEVEL=$level -c "$kernels/$src.c" -o "$o"
-            objs="$objs $o"
-        done
-    done
+    echo "== build: every level of csrc/kernels/levels.txt for $(uname -m) ${extra:-(with intrinsics)}"
+    # shellcheck disable=SC2086
+    objs=$(sh "$kernels/build_levels.sh" "$cc" "$(uname -m)" "$work" $common $extra)
     $cc $common $extra "$here/test_kernels.c" "$kernels/common.c" "$kernels/cpu.c" $objs -lm -o "$work/test"
     set +e
     ASAN_OPTIONS=detect_leaks=1 "$work/test"
@@ -55,12 +38,9 @@ if [ $arm_native -eq 1 ]; then
     : # the native run above was the aarch64 one
 elif command -v $armcc >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1; then
     echo "== build: aarch64 (cross, $armcc; run under qemu-aarch64), level default"
-    objs=""
-    for src in merge prune reset philox table; do
-        o="$work/${src}_aarch64.o"
-        $armcc $common -DRELORA_LEVEL=default -c "$kernels/$src.c" -o "$o"
-        objs="$objs $o"
-    done
+    mkdir -p "$work/aarch64"
+    # shellcheck disable=SC2086
+    objs=$(sh "$kernels/build_levels.sh" "$armcc" aarch64 "$work/aarch64" $common)
     $armcc $common "$here/test_kernels.c" "$kernels/common.c" "$kernels/cpu.c" $objs -lm -o "$work/test_aarch64"
     set +e
     QEMU_LD_PREFIX="${QEMU_LD_PREFIX:-/usr/aarch64-linux-gnu}" ASAN_OPTIONS=detect_leaks=0 \

@@ -457,7 +457,7 @@ static void test_merge_refusals(void)
             refused += st == RELORA_ERR_ARG;
         }
         CHECK(lora_merge(W, RELORA_F32, I, NULL, A, ad, O, I, R, 1.0f, RELORA_ROUND_NEAREST, 0, 1) == RELORA_ERR_ARG, "NULL B");
-        CHECK(lora_merge(W, RELORA_F32, I, B, W, ad, O, I, R, 1.0f, RELORA_ROUND_NEAREST, 0, 1) == RELORA_ERR_ARG, "A aliases W");
+        CHECK(lora_merge(W, RELORA_F32, I, B, W, ad, O, I, R, 1.0f, RELORA_ROUND_NEAREST, 0, 1) == RELORA_ERR_OVERLAP, "A aliases W");
         /* empty shapes are fine */
         CHECK(lora_merge(NULL, RELORA_F32, 0, NULL, NULL, ad, 0, 0, 3, 1.0f, RELORA_ROUND_NEAREST, 0, 1) == RELORA_OK, "empty merge");
         CHECK(lora_merge(NULL, RELORA_F32, 0, B, NULL, ad, 5, 0, 3, 1.0f, RELORA_ROUND_NEAREST, 0, 1) == RELORA_OK, "I = 0 merge");
@@ -526,10 +526,32 @@ static void test_reset(void)
     CHECK(normal_fill(keep, (relora_dtype)3, 8, 1.0f, 0, 0, 1) == RELORA_ERR_ARG, "bad dtype");
     CHECK(normal_fill(keep, RELORA_F32, -1, 1.0f, 0, 0, 1) == RELORA_ERR_ARG, "negative n");
     CHECK(normal_fill(NULL, RELORA_F32, 3, 1.0f, 0, 0, 1) == RELORA_ERR_ARG, "NULL x");
-    CHECK(lora_reset(keep, 8, keep + 4, 4, RELORA_F32, 1.0f, 0, 0, 1) == RELORA_ERR_ARG, "overlap");
+    CHECK(lora_reset(keep, 8, keep + 4, 4, RELORA_F32, 1.0f, 0, 0, 1) == RELORA_ERR_OVERLAP, "overlap");
     CHECK(lora_reset(keep, 8, NULL, 4, RELORA_F32, 1.0f, 0, 0, 1) == RELORA_ERR_ARG, "NULL B");
     CHECK(lora_reset(keep, 8, keep0, 8, RELORA_F32, -2.0f, 0, 0, 1) == RELORA_ERR_ARG, "negative std");
     CHECK(memcmp(keep, keep0, sizeof keep) == 0, "refused reset wrote");
+    /* std bound: every |A| < 6 std must fit the dtype; above reset_std_max a reset is refused, at it A is
+     * finite (fp16: std 1e5 once wrote Inf into 26 of 64 entries) */
+    {
+        uint16_t h16[64], z16[4];
+        memset(h16, 0, sizeof h16);
+        CHECK(lora_reset(h16, 64, z16, 4, RELORA_F16, 1e5f, 0, 0, 1) == RELORA_ERR_ARG, "fp16 std 1e5 accepted");
+        int wrote = 0;
+        for (int i = 0; i < 64; i++) wrote += h16[i] != 0;
+        CHECK(wrote == 0, "refused fp16 reset wrote");
+        const relora_dtype dts[3] = {RELORA_F32, RELORA_BF16, RELORA_F16};
+        for (int d = 0; d < 3; d++) {
+            const float smax = reset_std_max(dts[d]);
+            CHECK(normal_fill(h16, dts[d], d == 0 ? 32 : 64, nextafterf(smax, INFINITY), 0, 0, 1) == RELORA_ERR_ARG,
+                  "std above reset_std_max accepted (dtype %d)", d);
+            int bad = 0;
+            for (uint64_t seed = 0; seed < 64; seed++) {
+                CHECK(normal_fill(h16, dts[d], d == 0 ? 32 : 64, smax, seed, 0, 1) == RELORA_OK, "std max refused");
+                for (int i = 0; i < (d == 0 ? 32 : 64); i++) bad += !isfinite(load_as_f32(h16, dts[d], i));
+            }
+            CHECK(bad == 0, "std = reset_std_max gave %d non-finite values (dtype %d)", bad, d);
+        }
+    }
     CHECK(lora_reset(NULL, 0, NULL, 0, RELORA_F32, 1.0f, 0, 0, 1) == RELORA_OK, "empty reset");
     CHECK(normal_fill(keep, RELORA_F32, 8, 0.0f, 0, 0, 1) == RELORA_OK && keep[3] == 0.0f, "std 0");
     free(x1); free(x2); free(h); free(h2);

@@ -25,10 +25,10 @@ namespace {
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// ∂B = s Gᵀ h is computed as (s hᵀ G)ᵀ when r is at most this and N at least kSmallRankMinRows:
-// CPU GEMMs (MKL/oneDNN) with a (N, out)ᵀ·(N, r) shape run several times slower than the
-// (r, N)·(N, out) one at r = 8 and N >= 64 in float32 (256 in bfloat16); below that the transposing
-// copy costs more than it saves (benchmarks/bench_lora_layer.py).
+// ∂B = s Gᵀ h is computed as (s hᵀ G)ᵀ when r is at most this and N at least min_rows (64 rows in
+// float32 and float64, 256 in bfloat16 and float16): CPU GEMMs (MKL/oneDNN) with a (N, out)ᵀ·(N, r) shape
+// run several times slower than the (r, N)·(N, out) one at r = 8 from those N; below them the
+// transposing copy costs more than it saves (benchmarks/bench_lora_layer.py).
 constexpr int64_t kSmallRank = 16;
 
 bool transposed_dB(int64_t r, int64_t n, at::ScalarType dt) {

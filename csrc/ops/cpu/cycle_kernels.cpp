@@ -113,6 +113,8 @@ void merge_cpu(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, do
                     "merge_: W must have unit column stride, got strides ", W.strides());
   const int64_t ldw = W.size(0) <= 1 ? W.size(1) : W.stride(0);
   TORCH_CHECK_VALUE(ldw >= W.size(1), "merge_: W's rows overlap, got strides ", W.strides());
+  check_disjoint("merge_", "W", W, "A", A);
+  check_disjoint("merge_", "W", W, "B", B);
   const at::Tensor Ac = A.contiguous(), Bc = B.contiguous();
   const relora_rounding rnd = parse_rounding(rounding);
   const int nt = at::get_num_threads();
@@ -135,6 +137,7 @@ void reset_cpu(const at::Tensor& A, const at::Tensor& B, double std, int64_t see
   TORCH_CHECK_VALUE(A.is_contiguous() && B.is_contiguous(),
                     "reset_: A and B must be contiguous, got strides ", A.strides(), " and ",
                     B.strides());
+  check_disjoint("reset_", "B", B, "A", A);
   check_status(lora_reset(A.data_ptr(), A.numel(), B.data_ptr(), B.numel(), dt,
                           static_cast<float>(std), as_u64(seed), as_u64(offset),
                           at::get_num_threads()),

@@ -1,5 +1,5 @@
 // The portable (ATen) implementations of the cycle ops, shared with the test-only operators of
-// csrc/ops/portable/testing.cpp. Arguments as in the schemas of csrc/ops/cycle_ops.cpp.
+// csrc/testing/ops.cpp (compiled into the test-only module relora_ext._C_testing). Arguments as in the schemas of csrc/ops/cycle_ops.cpp.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,5 +1,6 @@
-// Test-only operators, in a namespace of their own (torch.ops.relora_testing) so that the public
-// schema holds only what users call: the portable implementations run on any device, CPU included,
+// Test-only operators, in a namespace of their own (torch.ops.relora_testing), built into the test-only
+// module relora_ext._C_testing so that the installed relora_ext._C registers only what users call: the
+// portable implementations (compiled into that module too) run on any device, CPU included,
 // so the test suite can compare them with the C kernels on a machine without a GPU.
 #include <torch/library.h>
 
