@@ -23,10 +23,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import check_int
+from ._checks import CycleRefused, check_int
 from .analysis import UpdateTracker, _effective_weight
 from .lora import LoRALinear
 from .model import lora_layers
+from .sst import SSTLinear
 
 __all__ = ["merged_state_dict", "save_pretrained", "install_save_hook", "remove_save_hook", "export_peft_adapter",
            "ReLoRACallback"]
@@ -46,9 +47,6 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     is not changed. Refused (nothing returned) if a layer holds NaN/Inf. Example:
     ``plain.load_state_dict(merged_state_dict(model))``.
     """
-    from .cycle import CycleRefused
-    from .sst import SSTLinear
-
     sst = [(n, m) for n, m in model.named_modules() if isinstance(m, SSTLinear)]
     for name, layer in sst:
         problem = layer.check()

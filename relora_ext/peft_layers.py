@@ -33,6 +33,7 @@ from torch import nn
 
 from . import ops
 from .adapter import LowRankAdapter
+from .quantized import dequantize, is_quantized, requantize_
 
 __all__ = ["PeftLoRAView", "lora_views", "is_peft_lora_layer"]
 
@@ -78,8 +79,6 @@ class PeftLoRAView(LowRankAdapter):
         object.__setattr__(self, "peft_layer", layer)  # a plain reference, not a registered submodule
         self.adapter = adapter
         self.in_features, self.out_features = int(layer.in_features), int(layer.out_features)
-        from .quantized import is_quantized
-
         self.quantized = is_quantized(layer.get_base_layer())  # PEFT's bnb classes, or its Linear on a bnb base
         self.init_std = 1.0 / math.sqrt(3 * self.in_features)
 
@@ -112,8 +111,6 @@ class PeftLoRAView(LowRankAdapter):
     @property
     def weight(self) -> torch.Tensor:
         if self.quantized:
-            from .quantized import dequantize
-
             return dequantize(self.base_layer)
         w = self.base_layer.weight
         return w.t() if self.peft_layer.fan_in_fan_out else w
@@ -136,8 +133,6 @@ class PeftLoRAView(LowRankAdapter):
     def merge_(self, *, rounding: str = "nearest", seed: Optional[int] = None) -> None:
         if not self.quantized:
             return super().merge_(rounding=rounding, seed=seed)
-        from .quantized import dequantize, requantize_
-
         W = dequantize(self.base_layer)  # float32; the requantization rounds to the grid whatever the rounding
         ops.merge_(W, self.lora_A, self.lora_B, self.scaling, seed=0 if seed is None else seed)
         requantize_(self.base_layer, W)
