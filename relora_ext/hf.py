@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import types
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -97,19 +96,27 @@ def install_save_hook(model: nn.Module) -> None:
         >>> install_save_hook(model); model.save_pretrained("out/")   # loads into the plain architecture
     """
     if callable(getattr(type(model), "save_pretrained", None)):
-        model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_merged, model)
+        model.__dict__["save_pretrained"] = _MergedSavePretrained(model)
 
 
 def remove_save_hook(model: nn.Module) -> None:
     """Undo :func:`install_save_hook`: ``model.save_pretrained`` is the class's again."""
-    if getattr(model.__dict__.get("save_pretrained"), "__func__", None) is _save_pretrained_merged:
+    if isinstance(model.__dict__.get("save_pretrained"), _MergedSavePretrained):
         del model.__dict__["save_pretrained"]
 
 
-def _save_pretrained_merged(self: nn.Module, save_directory, *args: Any, state_dict=None, **kwargs: Any):
-    if state_dict is None and not self.__dict__.get(_TRAINING_FLAG, False):
-        state_dict = merged_state_dict(self)
-    return type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
+class _MergedSavePretrained:
+    """The ``save_pretrained`` :func:`install_save_hook` puts on a model (an object rather than a bound
+    method, so that the model still pickles and deep-copies, the copy's hook pointing at the copy)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, *args: Any, state_dict=None, **kwargs: Any):
+        model = self.model
+        if state_dict is None and not model.__dict__.get(_TRAINING_FLAG, False):
+            state_dict = merged_state_dict(model)
+        return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
 
 
 _TRAINING_FLAG = "_relora_trainer_running"  # set by ReLoRACallback between on_train_begin and on_train_end

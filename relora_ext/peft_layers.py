@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import math
-import types
 from typing import List, Optional, Tuple
 
 import torch
@@ -207,11 +206,11 @@ def lora_views(model: nn.Module) -> List[Tuple[str, PeftLoRAView]]:
             views[active[0]] = PeftLoRAView(mod, active[0])
         out.append((name, views[active[0]]))
     if out and callable(getattr(type(model), "save_pretrained", None)) and hasattr(model, "peft_config"):
-        model.__dict__["save_pretrained"] = types.MethodType(_refuse_adapter_only_save, model)
+        model.__dict__["save_pretrained"] = _refuse_adapter_only_save  # a plain function: the model still pickles
     return out
 
 
-def _refuse_adapter_only_save(self: nn.Module, *args, **kwargs):
+def _refuse_adapter_only_save(*args, **kwargs):
     """``PeftModel.save_pretrained`` writes the adapter (the current ``A``, ``B``), not the base weights, into
     which every ReLoRA* cycle merges the trained update: refused on a model :func:`lora_views` listed (one a
     ReLoRAOptimizer cycles), whose base weights may hold merged cycles, its own or a loaded checkpoint's."""

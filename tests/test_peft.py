@@ -219,6 +219,9 @@ def test_peft_adapter_only_save_is_refused_and_a_checkpoint_resumes_exactly(tmp_
     with pytest.raises(ValueError, match="adapter file holds only the current lora_A/lora_B.*merge_and_unload"):
         model.save_pretrained(tmp_path / "adapter")           # would drop the cycle merged into the base
     assert not (tmp_path / "adapter").exists()
+    torch.save(model, tmp_path / "model.pt")                 # the refusal pickles with the model
+    with pytest.raises(ValueError, match="cycled by ReLoRA"):
+        torch.load(tmp_path / "model.pt", weights_only=False).save_pretrained(tmp_path / "adapter")
     relora_ext.save_checkpoint(tmp_path / "ckpt.pt", model=model, optimizer=opt)
     twin, twin_opt = build()
     relora_ext.load_checkpoint(tmp_path / "ckpt.pt", model=twin, optimizer=twin_opt)
