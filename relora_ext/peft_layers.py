@@ -205,8 +205,12 @@ def lora_views(model: nn.Module) -> List[Tuple[str, PeftLoRAView]]:
         if active[0] not in views:
             views[active[0]] = PeftLoRAView(mod, active[0])
         out.append((name, views[active[0]]))
-    if out and callable(getattr(type(model), "save_pretrained", None)) and hasattr(model, "peft_config"):
-        model.__dict__["save_pretrained"] = _refuse_adapter_only_save  # a plain function: the model still pickles
+    if out:  # every PeftModel inside (under DDP the optimizer is given the wrapper); not its base model
+        from peft import PeftModel
+
+        for mod in model.modules():
+            if isinstance(mod, PeftModel):
+                mod.__dict__["save_pretrained"] = _refuse_adapter_only_save  # a plain function: still pickles
     return out
 
 

@@ -233,4 +233,6 @@ def test_peft_adapter_only_save_is_refused_and_a_checkpoint_resumes_exactly(tmp_
     assert opt.cycles_done == twin_opt.cycles_done == 3
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
     y = model(IDS).logits.detach()
-    torch.testing.assert_close(model.merge_and_unload()(IDS).logits, y, rtol=1e-5, atol=1e-5)
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")   # the road the refusal names
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(loaded(IDS).logits, y, rtol=1e-5, atol=1e-5)

@@ -52,6 +52,18 @@ def test_two_process_trainer_cycles_identically_and_resumes_exactly(tmp_path):
     torch.testing.assert_close(plain.eval()(ids).logits, wrapped.eval()(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_two_process_trainer_cycles_a_peft_model_identically(tmp_path):
+    pytest.importorskip("peft")
+    out = torchrun(tmp_path, "--peft")
+    assert out.count("{'relora/cycle': 0, 'relora/kept': ") == 1 and out.count("{'relora/cycle': 1, ") == 1
+    ranks = [torch.load(tmp_path / f"final-rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["cycles_done"] == ranks[1]["cycles_done"] == 2
+    assert any("lora_A" in k for k in ranks[0]["model"])
+    assert all(torch.equal(v, ranks[1]["model"][k]) for k, v in ranks[0]["model"].items())
+    _, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "final", output_loading_info=True)
+    assert not any(info.values()), info
+
+
 def test_train_ddp_logs_the_rate_each_step_trained_with():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
