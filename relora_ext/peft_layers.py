@@ -126,6 +126,12 @@ class PeftLoRAView(LowRankAdapter):
         problem = _peft_problem(self.peft_layer, self.adapter)
         if problem is None and self.adapter not in self.peft_layer.active_adapters:
             problem = f"adapter {self.adapter!r} is no longer active; build the ReLoRAOptimizer again"
+        if problem is None and self.quantized:  # W is checked by no merge rule: its codes and factor shapes here
+            problem = _quantized_problem(self.base_layer)
+            want = {"lora_A": (self.r, self.in_features), "lora_B": (self.out_features, self.r)}
+            for name, shape in want.items():
+                if problem is None and tuple(getattr(self, name).shape) != shape:
+                    problem = f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}"
         return problem or super().check()
 
     @torch.no_grad()
@@ -141,6 +147,18 @@ class PeftLoRAView(LowRankAdapter):
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter!r}, in={self.in_features}, out={self.out_features}, r={self.r}"
+
+
+def _quantized_problem(base: nn.Module) -> Optional[str]:
+    """Why :func:`~relora_ext.quantized.dequantize` would fail on ``base`` (checked before a cycle writes)."""
+    w = base.weight
+    if type(base).__name__ == "Linear4bit":
+        ready = getattr(w, "quant_state", None) is not None
+    else:
+        ready = w.dtype == torch.int8 and (getattr(w, "SCB", None) is not None
+                                           or getattr(getattr(base, "state", None), "SCB", None) is not None)
+    return None if ready else (f"its {type(base).__name__} base weight is not quantized yet (move the model to "
+                               "its device first)")
 
 
 def _peft_problem(layer: nn.Module, adapter: str) -> Optional[str]:

@@ -135,7 +135,7 @@ def test_gpt2_conv1d_fan_in_fan_out_merges_into_the_transposed_weight():
 
 @pytest.mark.parametrize("kind", ["4bit", "8bit"])
 def test_bitsandbytes_base_is_requantized(kind):
-    pytest.importorskip("bitsandbytes")
+    bnb = pytest.importorskip("bitsandbytes")
     from relora_ext.quantized import dequantize, requantize_
     from test_quantized import quantized
 
@@ -154,6 +154,12 @@ def test_bitsandbytes_base_is_requantized(kind):
     requantize_(probe, dequantize(base) + v.scaling * v.lora_B.detach() @ v.lora_A.detach())
     cycle(model, opt, 0, CycleSettings(reset_every=3))
     assert torch.equal(dequantize(base), dequantize(probe)) and not v.lora_B.any()
+    assert v.check() is None
+    unready = nn.Sequential(nn.Linear(64, 48))                     # a bnb layer whose weight is not quantized yet
+    unready[0] = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False) if kind == "8bit" else \
+        bnb.nn.Linear4bit(64, 48, compute_dtype=torch.float32)
+    (_, u), = lora_views(peft.get_peft_model(unready, peft.LoraConfig(r=4, target_modules=["0"])))
+    assert "not quantized yet" in u.check()
 
 
 # -- refusals ------------------------------------------------------------------------------------------------
