@@ -26,6 +26,7 @@ from ._checks import CycleRefused, check_int
 from .analysis import UpdateTracker, _effective_weight
 from .lora import LoRALinear
 from .model import lora_layers
+from .peft_layers import is_peft_lora_layer
 from .sst import SSTLinear
 
 __all__ = ["merged_state_dict", "save_pretrained", "install_save_hook", "remove_save_hook", "export_peft_adapter",
@@ -233,6 +234,10 @@ def export_peft_adapter(model: nn.Module, base, path: Union[str, os.PathLike], *
     rank = check_int("export_peft_adapter", "rank", rank, lo=1)
     layers = lora_layers(model)
     if not layers:
+        if any(is_peft_lora_layer(m) for m in model.modules()):
+            raise ValueError(f"export_peft_adapter: model ({type(model).__name__}) is a PEFT model, cycled as it is: "
+                             "its updates are merged into its base weights; save model.merge_and_unload() (the whole "
+                             "model) or relora_ext.save_checkpoint (to resume)")
         raise ValueError(f"export_peft_adapter: model ({type(model).__name__}) has no LoRALinear layer (SST layers have no "
                          "low-rank adapter to export: save merged_state_dict(model) or unwrap(model) instead)")
     conv = {_is_conv1d_layer(layer) for _, layer in layers}

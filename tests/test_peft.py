@@ -239,6 +239,8 @@ def test_peft_adapter_only_save_is_refused_and_a_checkpoint_resumes_exactly(tmp_
     assert opt.cycles_done == twin_opt.cycles_done == 3
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
     y = model(IDS).logits.detach()
-    model.merge_and_unload().save_pretrained(tmp_path / "merged")   # the road the refusal names
+    with pytest.raises(ValueError, match="is a PEFT model, cycled as it is.*merge_and_unload"):
+        relora_ext.export_peft_adapter(model, {}, tmp_path / "export", rank=4)
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")   # the road the refusals name
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(loaded(IDS).logits, y, rtol=1e-5, atol=1e-5)
