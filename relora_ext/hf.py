@@ -334,10 +334,17 @@ class ReLoRACallback(_TrainerCallback):
             warnings.warn(f"ReLoRACallback: max_steps={state.max_steps} < reset_every={self.optimizer.reset_every}: "
                           "no cycle will run, so this is plain LoRA training", stacklevel=2)
         # the Trainer's checkpoints are training state: install_save_hook's merge waits for the end of training
-        self.optimizer.model.__dict__[_TRAINING_FLAG] = True
+        for m in self._hooked():
+            m.__dict__[_TRAINING_FLAG] = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.optimizer.model.__dict__.pop(_TRAINING_FLAG, None)
+        for m in self._hooked():
+            m.__dict__.pop(_TRAINING_FLAG, None)
+
+    def _hooked(self):
+        """The modules of the optimizer's model with :func:`install_save_hook`'s hook (the model inside DDP too)."""
+        return [m for m in self.optimizer.model.modules() if isinstance(m.__dict__.get("save_pretrained"),
+                                                                         _MergedSavePretrained)]
 
     def on_step_end(self, args, state, control, **kwargs):
         for info in self.pending:
