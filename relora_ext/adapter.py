@@ -99,7 +99,7 @@ class LowRankAdapter(CycledLayer):
     def valid_init_std(where: str, value, dtype: torch.dtype) -> float:
         """``value`` as an ``init_std`` for factors of ``dtype``: a reset draws ``|x| < 6·std`` in that dtype
         (:func:`relora_ext.ops.reset_`), so the bound keeps the draw finite."""
-        hi = min(F32_MAX, torch.finfo(dtype).max / 6) if dtype.is_floating_point else F32_MAX
+        hi = ops.reset_std_max(dtype) if dtype in FLOAT_DTYPES else F32_MAX
         return check_float(where, "init_std", value, lo=0.0, hi=hi)
 
     # -- what subclasses say ------------------------------------------------------------------------

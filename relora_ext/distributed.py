@@ -46,7 +46,6 @@ Example (``torchrun --nproc_per_node=2 train.py``)::
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -57,7 +56,7 @@ from .sst import SSTLinear
 
 __all__ = [
     "is_distributed", "is_dtensor", "fingerprint", "check_consistency", "draw_hashes",
-    "merge_and_reset_sharded_", "prune_sharded_", "distributed_magnitude_prune_", "keep_count",
+    "merge_and_reset_sharded_", "prune_sharded_", "distributed_magnitude_prune_",
     "ConsistencyError",
 ]
 
@@ -80,19 +79,6 @@ def is_distributed(group=None) -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def keep_count(n: int, ratio: float) -> int:
-    """Entries kept by magnitude pruning of ``n`` entries at ``ratio``: ``n − ⌊ratio·n⌋`` (the C kernel's rule,
-    computed in double precision). Example: ``keep_count(1000, 0.99) == 10``."""
-    if n <= 0:
-        return 0
-    if not ratio > 0.0:
-        return n
-    if ratio >= 1.0:
-        return 0
-    drop = min(max(int(math.floor(ratio * float(n))), 0), n)
-    return n - drop
 
 
 def _shard_layout(t, what: str) -> Tuple[Optional[int], Any]:
@@ -342,7 +328,7 @@ def distributed_magnitude_prune_(x: torch.Tensor, ratio: float, *, group=None) -
     n_t = torch.tensor([flat.numel()], dtype=torch.int64, device=dev)
     dist.all_reduce(n_t, group=group)
     n = int(n_t)
-    k = keep_count(n, float(ratio))
+    k = ops.keep_count(n, float(ratio))
     if k >= n:
         return n
     if k == 0:

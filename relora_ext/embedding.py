@@ -1,7 +1,7 @@
 """ReLoRA* for token embeddings: :class:`LoRAEmbedding`, a drop-in :class:`torch.nn.Embedding`.
 
 The table ``E (vocab, d)`` is frozen; its update is ``ΔE = s · Aᵀ Bᵀ`` with ``A (r, vocab)`` looked up by
-token like ``E`` and ``B (d, r)`` dense (GUIDE §7)::
+token like ``E`` and ``B (d, r)`` dense, as PEFT's embedding adapter keeps them::
 
     out[t] = E[t] + s · B · A[:, t],        s = alpha / r
 

@@ -80,7 +80,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
             entries lose their ``exp_avg_sq``; right after a reset ``∂L/∂A = 0``, so Adam's next update of such
             an entry is ``lr · m / (0 + eps)`` — measured on a 128×128 toy, entries of ``A`` jump from 0.3 to
             ~140 after every reset and the loss stalls (1.1 vs 0.26 with the guard). ``False`` gives the
-            literal GUIDE §1 / reference-code pruning (every state tensor keeps exactly
+            literal pruning of the method (and of the reference code) (every state tensor keeps exactly
             ``n - floor(p·n)`` entries); with ``True`` the second moments keep exactly that many and
             ``exp_avg`` keeps at most that many. Other optimizers' state (SGD's ``momentum_buffer``) is
             unaffected.

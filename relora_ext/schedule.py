@@ -17,7 +17,7 @@ _WHERE = "JaggedCosineLR"
 
 def jagged_cosine(t: int, *, total_steps: int, warmup_steps: int, cycle_length: int, restart_warmup_steps: int,
                   min_lr_ratio: float = 0.1, restarted: bool = True) -> float:
-    r"""The learning-rate factor at step ``t`` (optimizer steps already taken), GUIDE §1 exactly.
+    r"""The learning-rate factor at step ``t`` (optimizer steps already taken), the reference ReLoRA code's formula exactly.
 
     With ``W0 = warmup_steps``, ``R = cycle_length``, ``Wr = restart_warmup_steps``, ``N = total_steps``,
     ``m = min_lr_ratio``::
@@ -59,7 +59,7 @@ class JaggedCosineLR(LRScheduler):
     every reset.
 
     Each parameter group's learning rate is ``initial_lr · factor(t)`` with ``factor`` given by
-    :func:`jagged_cosine` (GUIDE §1, exact). ``t`` is:
+    :func:`jagged_cosine` (the reference formula, exact). ``t`` is:
 
     - for a :class:`~relora_ext.optim.ReLoRAOptimizer`, its ``steps_taken`` — the optimizer steps that
       really happened. A step skipped by :class:`torch.amp.GradScaler` (inf/NaN gradients) advances

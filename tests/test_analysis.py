@@ -88,7 +88,7 @@ class TestUpdateSpectrum:
         torch.testing.assert_close(update_spectrum(layer, w0), before, atol=1e-5, rtol=1e-4)
 
     def test_cycles_accumulate_rank_k_times_r(self):
-        """GUIDE §1: over k cycles W − W₀ reaches rank k·r; LoRA (no merge) stays at r."""
+        """Over k cycles W − W₀ reaches rank k·r; LoRA (no merge) stays at r."""
         torch.manual_seed(2)
         r, k = 3, 4
         model = relora_ext.wrap(nn.Sequential(nn.Linear(48, 48)), r=r, target_modules=["0"])

@@ -1,4 +1,4 @@
-"""JaggedCosineLR against the formula of GUIDE §1 / the reference ReLoRA code."""
+"""JaggedCosineLR against the jagged-cosine formula of the reference ReLoRA code (README, the schedule)."""
 
 import math
 
@@ -30,7 +30,7 @@ def reference_lambda(current_step, *, num_training_steps, first_warmup_steps, re
 
 
 def guide_formula(t, N, W0, R, Wr, m):
-    """GUIDE §1 written out literally."""
+    """The reference formula written out literally."""
     cos = lambda s: m + (1 - m) * 0.5 * (1 + math.cos(math.pi * (s - W0) / (N - W0)))  # noqa: E731
     if t < W0:
         return t / W0
