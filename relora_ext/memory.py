@@ -22,6 +22,8 @@ from torch import nn
 
 from .adapter import CycledLayer
 from .analysis import _tensors_in
+from .optim import ReLoRAOptimizer
+from .model import output_head
 
 __all__ = ["GroupMemory", "MemoryReport", "memory_report", "GROUPS"]
 
@@ -111,22 +113,8 @@ class MemoryReport:
         return "\n".join(lines)
 
 
-def _head_of(model: nn.Module) -> Optional[nn.Module]:
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            head = get_out()
-        except Exception:  # noqa: BLE001 - a model may not implement it
-            head = None
-        if isinstance(head, nn.Module):
-            return head
-    return None
-
-
 def _is_adapted(mod: nn.Module) -> bool:
-    from .lora import LoRALinear
-
-    return isinstance(mod, (CycledLayer, LoRALinear))
+    return isinstance(mod, CycledLayer)  # LoRALinear (and its quantized kind), LoRAEmbedding, SSTLinear
 
 
 def _group(name: str, mod: nn.Module, pname: str, p: torch.Tensor, head: Optional[nn.Module]) -> str:
@@ -153,8 +141,6 @@ def _key(t: torch.Tensor):
 
 def _inner(optimizer):
     """The optimizer holding the state: a :class:`~relora_ext.ReLoRAOptimizer` wraps one (``.optimizer``)."""
-    from .optim import ReLoRAOptimizer
-
     return optimizer.optimizer if isinstance(optimizer, ReLoRAOptimizer) else optimizer
 
 
@@ -217,7 +203,7 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
             for p in g["params"]:
                 group_of_param[id(p)] = g
     estimate, estimate_note = _estimator(inner)
-    head = _head_of(model)
+    head = output_head(model)
     groups = {k: GroupMemory() for k in GROUPS}
     adapted: Dict[str, int] = {}
     full_rank: Dict[str, int] = {}
