@@ -96,6 +96,15 @@ class LowRankAdapter(CycledLayer):
         self._init_std = self.valid_init_std(type(self).__name__, value, self.reset_operands()[0].dtype)
 
     @staticmethod
+    def freeze_(weight: nn.Parameter, weight_dtype: Optional[torch.dtype]) -> None:
+        """Freeze an adopted base weight, its storage converted to ``weight_dtype`` if given (the same
+        Parameter object: whoever else holds it sees the frozen, converted weight)."""
+        weight.requires_grad_(False)
+        if weight_dtype is not None and weight.dtype != weight_dtype:
+            with torch.no_grad():
+                weight.data = weight.data.to(weight_dtype)
+
+    @staticmethod
     def valid_init_std(where: str, value, dtype: torch.dtype) -> float:
         """``value`` as an ``init_std`` for factors of ``dtype``: a reset draws ``|x| < 6·std`` in that dtype
         (:func:`relora_ext.ops.reset_`), so the bound keeps the draw finite."""

@@ -130,10 +130,7 @@ class LoRAEmbedding(LowRankAdapter):
         self.padding_idx = emb.padding_idx  # nn.Embedding has made it non-negative
         self.r = check_rank(where, r, self.num_embeddings, self.embedding_dim)
         factory = {"device": weight.device, "dtype": weight.dtype}  # A and B: the layer's dtype
-        weight.requires_grad_(False)
-        if weight_dtype is not None and weight.dtype != weight_dtype:
-            with torch.no_grad():  # the same Parameter object, its storage now in weight_dtype
-                weight.data = weight.data.to(weight_dtype)
+        self.freeze_(weight, weight_dtype)
         self.weight = weight
         self.lora_A = nn.Parameter(torch.zeros(self.r, self.num_embeddings, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.embedding_dim, self.r, **factory))

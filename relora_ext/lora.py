@@ -13,11 +13,9 @@ unmodified architecture. The ReLoRA* cycle (merge, reset, prune every ``T`` step
 Example::
 
     >>> import torch, relora_ext
-    >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
-    >>> model = relora_ext.wrap(model, r=4, target_modules=["0", "2"])
-    >>> model[0]
-    LoRALinear(in_features=32, out_features=64, bias=True, r=4, alpha=4.0, dropout=0.0)
-    >>> plain = relora_ext.unwrap(model)   # nn.Linear again, adapters merged into the weights
+    >>> layer = relora_ext.LoRALinear.from_linear(torch.nn.Linear(32, 64), r=4)
+    >>> y = layer(torch.randn(10, 32))                 # (10, 64); lora_A and lora_B train, weight is frozen
+    >>> layer.merge_and_reset_(seed=0, offset=0)      # W += s·B·A; B = 0; A redrawn (the output is unchanged)
 """
 
 from __future__ import annotations
@@ -153,10 +151,7 @@ class LoRALinear(LowRankAdapter):
             raise TypeError(f"{where}: weight_dtype needs a floating-point weight, got {weight.dtype}")
         factory = {"device": weight.device, "dtype": weight.dtype}  # A and B: the layer's dtype
 
-        weight.requires_grad_(False)
-        if weight_dtype is not None and weight.dtype != weight_dtype:
-            with torch.no_grad():  # the same Parameter object, its storage now in weight_dtype
-                weight.data = weight.data.to(weight_dtype)
+        self.freeze_(weight, weight_dtype)
         self.weight = weight
         self.bias = bias
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))

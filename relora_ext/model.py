@@ -89,9 +89,8 @@ def _owners(model: nn.Module) -> dict:
     return owners
 
 
-def _default_excluded(model: nn.Module, owners: dict) -> set:
-    """ids of the modules that the default selection leaves alone (output heads, tied weights)."""
-    excluded = set()
+def output_head(model: nn.Module) -> Optional[nn.Module]:
+    """The module ``model.get_output_embeddings()`` returns (``transformers`` models), or ``None``."""
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         try:
@@ -99,7 +98,16 @@ def _default_excluded(model: nn.Module, owners: dict) -> set:
         except Exception:  # noqa: BLE001 - a model may not implement it
             head = None
         if isinstance(head, nn.Module):
-            excluded.add(id(head))
+            return head
+    return None
+
+
+def _default_excluded(model: nn.Module, owners: dict) -> set:
+    """ids of the modules that the default selection leaves alone (output heads, tied weights)."""
+    excluded = set()
+    head = output_head(model)
+    if head is not None:
+        excluded.add(id(head))
     for name, mod in model.named_modules():
         if _kind(mod) is not None:
             if len(owners.get(_storage_key(mod.weight), ())) > 1:

@@ -17,52 +17,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import relora_ext
+from _snapshots import assert_unchanged, make_model, snapshot, trained
 from relora_ext import CycleRefused, LoRALinear, ReLoRAOptimizer, lora_layers, unwrap, wrap
 from relora_ext.checkpoint import _digest, atomic_save, load_checkpoint, save_checkpoint
-
-
-def make_model(n_layers=3, seed=0, d=8, r=2):
-    torch.manual_seed(seed)
-    mods = []
-    for _ in range(n_layers):
-        mods += [nn.Linear(d, d), nn.Tanh()]
-    return wrap(nn.Sequential(*mods), r=r, target_modules=lambda n, m: True)
-
-
-def trained(model, steps=2, reset_every=100):
-    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=reset_every)
-    g = torch.Generator().manual_seed(7)
-    for _ in range(steps):
-        model(torch.randn(5, 8, generator=g)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return opt
-
-
-def _bits(t):
-    t = t.detach()
-    return t.cpu().contiguous().reshape(-1).view(torch.uint8).clone() if t.device.type != "meta" else t.shape
-
-
-def snapshot(model, opt=None):
-    snap = {f"model.{k}": _bits(v) for k, v in model.state_dict().items()}
-    snap["types"] = [type(m).__name__ for m in model.modules()]
-    if opt is not None:
-        for i, (p, s) in enumerate(opt.state.items()):
-            for k, v in s.items():
-                snap[f"state{i}.{k}"] = _bits(v) if isinstance(v, torch.Tensor) else v
-        for k in ("steps_taken", "cycles_done", "last_cycle_step", "last_prune_kept", "last_prune_total"):
-            snap[k] = getattr(opt, k)
-        snap["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    return snap
-
-
-def assert_unchanged(before, after):
-    assert before.keys() == after.keys()
-    for k in before:
-        a, b = before[k], after[k]
-        same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-        assert same, f"{k} changed"
 
 
 # -- triggers planted in one layer: each makes the merge or the reset refuse ----------------------------
