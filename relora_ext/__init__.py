@@ -40,14 +40,16 @@ from .analysis import TrainingStats, UpdateTracker, effective_rank, optimizer_st
 from .checkpoint import (atomic_save, load_adapters, load_checkpoint, load_sharded, save_adapters, save_checkpoint,
                          save_sharded)
 from ._checks import CycleRefused
+from .embedding import LoRAEmbedding
 from .lora import LoRALinear
-from .model import ReLoRAConfig, lora_layers, print_trainable_parameters, unwrap, wrap
+from .memory import memory_report
+from .model import ReLoRAConfig, lora_layers, merged_state_dict, print_trainable_parameters, unwrap, wrap
 from .optim import ReLoRAOptimizer
 from .schedule import JaggedCosineLR
 from .sst import SSTLinear
 
 __all__ = [
-    "ops", "cpu_capability", "LoRALinear", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters",
+    "ops", "cpu_capability", "LoRALinear", "LoRAEmbedding", "memory_report", "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters",
     "SSTLinear", "ReLoRAOptimizer", "CycleRefused", "JaggedCosineLR",
     "save_checkpoint", "load_checkpoint", "save_sharded", "load_sharded", "save_adapters", "load_adapters",
     "atomic_save", "save_pretrained", "merged_state_dict", "export_peft_adapter", "ReLoRACallback",
@@ -56,7 +58,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-_HF_NAMES = ("save_pretrained", "merged_state_dict", "export_peft_adapter", "ReLoRACallback")
+_HF_NAMES = ("save_pretrained", "export_peft_adapter", "ReLoRACallback")
 
 
 def __getattr__(name):

@@ -44,6 +44,11 @@ class CycledLayer(nn.Module):
         """Merge and return the plain module this layer replaced (used by :func:`relora_ext.unwrap`)."""
         raise NotImplementedError
 
+    def base_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The ``state_dict()`` of the module :meth:`to_base` would give back (its keys and layout, every
+        update merged), computed without changing this layer (used by :func:`relora_ext.merged_state_dict`)."""
+        raise NotImplementedError
+
     def settings(self) -> Dict[str, Any]:
         """What a checkpoint records of this layer and compares on load (the same weights under other settings
         compute another function): its rank and shape, plus what the kind adds."""
@@ -116,9 +121,19 @@ class LowRankAdapter(CycledLayer):
     def settings(self) -> Dict[str, Any]:
         return {**super().settings(), "alpha": self.alpha, "init_std": self.init_std}
 
-    def merge_operands(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(W, A, B)`` such that the merge is ``W += s · B @ A`` (:func:`relora_ext.ops.merge_`)."""
+    def merge_operands(self, weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W, A, B)`` such that the merge is ``W += s · B @ A`` (:func:`relora_ext.ops.merge_`); ``W`` is
+        ``weight`` (default: the layer's own) seen in the merge's layout."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """A new tensor holding what ``weight`` becomes at the next merge, bit for bit (the same kernel on a
+        copy); the layer is not changed."""
+        w = self.weight.detach().clone()
+        W, A, B = self.merge_operands(w)
+        ops.merge_(W, A, B, self.scaling)
+        return w
 
     def reset_operands(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(drawn, zeroed)``: the factor re-drawn from ``N(0, init_std²)`` and the one set to zero."""

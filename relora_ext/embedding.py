@@ -199,10 +199,15 @@ class LoRAEmbedding(LowRankAdapter):
 
     # -- ReLoRA* ------------------------------------------------------------------------------------
 
-    def merge_operands(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def merge_operands(self, weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(E.t(), A, B)``: ``E.t()`` is ``(d, vocab)``, ``A (r, vocab)``, ``B (d, r)``, so the merge
         ``E.t() += s · B @ A`` is ``E += s · (B·A)ᵀ`` (:func:`relora_ext.ops.merge_` takes the transposed view)."""
-        return self.weight.t(), self.lora_A, self.lora_B
+        return (self.weight if weight is None else weight).t(), self.lora_A, self.lora_B
+
+    def base_state_dict(self):
+        """The merged table, in the factors' dtype as :meth:`to_base` gives it."""
+        self.refuse_if_unfit("merged_state_dict")
+        return {"weight": self.merged_weight().to(self.lora_A.dtype)}
 
     def reset_operands(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(lora_B, lora_A)``: ``B`` is re-drawn, the looked-up ``A`` zeroed."""

@@ -22,12 +22,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import CycleRefused, check_int
+from ._checks import check_int
 from .analysis import UpdateTracker, _effective_weight
 from .lora import LoRALinear
-from .model import lora_layers
+from .model import hold_merged_saves, install_save_hook, lora_layers, merged_state_dict, remove_save_hook
 from .peft_layers import is_peft_lora_layer
-from .sst import SSTLinear
 
 __all__ = ["merged_state_dict", "save_pretrained", "install_save_hook", "remove_save_hook", "export_peft_adapter",
            "ReLoRACallback"]
@@ -35,42 +34,6 @@ __all__ = ["merged_state_dict", "save_pretrained", "install_save_hook", "remove_
 
 def _is_conv1d_layer(layer: LoRALinear) -> bool:
     return getattr(layer, "_base_cls", None) is not None
-
-
-@torch.no_grad()
-def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every adapter merged: the keys and layouts of the unwrapped model.
-
-    Each ``weight`` of a :class:`~relora_ext.lora.LoRALinear` becomes ``W + s·B·A`` (fp32 sum, rounded
-    once into ``W``'s dtype; one new tensor per layer), its ``lora_A``/``lora_B`` are dropped; each
-    :class:`~relora_ext.sst.SSTLinear` gives ``weight = U diag(Σ) Vᵀ`` in place of its factors. The model
-    is not changed. Refused (nothing returned) if a layer holds NaN/Inf. Example:
-    ``plain.load_state_dict(merged_state_dict(model))``.
-    """
-    sst = [(n, m) for n, m in model.named_modules() if isinstance(m, SSTLinear)]
-    for name, layer in sst:
-        problem = layer.check()
-        if problem is not None:
-            raise CycleRefused(f"merged_state_dict: refused: layer {name!r}: {problem}")
-    sd = model.state_dict()
-    for name, layer in sst:
-        prefix = f"{name}." if name else ""
-        weight = layer.weight_sst()
-        for key in ("U", "V", "sigma", "U_active", "V_active", "active"):
-            sd.pop(prefix + key, None)
-        sd[prefix + "weight"] = weight
-        if layer.bias is not None:  # keep the plain layer's key order: weight, then bias
-            sd[prefix + "bias"] = sd.pop(prefix + "bias")
-    for name, layer in lora_layers(model):
-        if getattr(layer, "base", None) is not None:
-            raise ValueError(f"merged_state_dict: layer {name!r} has a quantized base ({type(layer.base).__name__}); "
-                             "unwrap the model (merging into the quantized weights) and save that instead")
-        prefix = f"{name}." if name else ""
-        w = _effective_weight(layer).to(layer.weight.dtype)
-        sd[prefix + "weight"] = w.t().contiguous() if _is_conv1d_layer(layer) else w
-        sd.pop(prefix + "lora_A", None)
-        sd.pop(prefix + "lora_B", None)
-    return sd
 
 
 def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], **kwargs: Any) -> None:
@@ -81,46 +44,6 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], **kwargs: A
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(f"save_pretrained: model must be a transformers PreTrainedModel, got {type(model).__name__}")
     model.save_pretrained(os.fspath(path), state_dict=merged_state_dict(model), **kwargs)
-
-
-def install_save_hook(model: nn.Module) -> None:
-    """Make ``model.save_pretrained(path)`` (a wrapped ``transformers`` model's own, the PEFT habit) write the
-    merged model, as :func:`save_pretrained` does; a no-op for a model without ``save_pretrained``.
-
-    The hook is an instance attribute (the class is not touched): ``save_pretrained(path, **kwargs)``
-    calls the class's method with ``state_dict=merged_state_dict(model)``. A ``state_dict`` the caller
-    passes is written as given. Inside ``Trainer.train`` with :class:`ReLoRACallback`, the Trainer's
-    checkpoints keep the unmerged training state (``weight``, ``lora_A``, ``lora_B``), so that
-    ``resume_from_checkpoint`` continues exactly; ``trainer.save_model()`` after training writes the merged
-    model. :func:`remove_save_hook` undoes it (``unwrap`` calls it). Example::
-
-        >>> install_save_hook(model); model.save_pretrained("out/")   # loads into the plain architecture
-    """
-    if callable(getattr(type(model), "save_pretrained", None)):
-        model.__dict__["save_pretrained"] = _MergedSavePretrained(model)
-
-
-def remove_save_hook(model: nn.Module) -> None:
-    """Undo :func:`install_save_hook`: ``model.save_pretrained`` is the class's again."""
-    if isinstance(model.__dict__.get("save_pretrained"), _MergedSavePretrained):
-        del model.__dict__["save_pretrained"]
-
-
-class _MergedSavePretrained:
-    """The ``save_pretrained`` :func:`install_save_hook` puts on a model (an object rather than a bound
-    method, so that the model still pickles and deep-copies, the copy's hook pointing at the copy)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, save_directory, *args: Any, state_dict=None, **kwargs: Any):
-        model = self.model
-        if state_dict is None and not model.__dict__.get(_TRAINING_FLAG, False):
-            state_dict = merged_state_dict(model)
-        return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
-
-
-_TRAINING_FLAG = "_relora_trainer_running"  # set by ReLoRACallback between on_train_begin and on_train_end
 
 
 def _base_weights(model: nn.Module, base) -> Dict[str, torch.Tensor]:
@@ -334,17 +257,10 @@ class ReLoRACallback(_TrainerCallback):
             warnings.warn(f"ReLoRACallback: max_steps={state.max_steps} < reset_every={self.optimizer.reset_every}: "
                           "no cycle will run, so this is plain LoRA training", stacklevel=2)
         # the Trainer's checkpoints are training state: install_save_hook's merge waits for the end of training
-        for m in self._hooked():
-            m.__dict__[_TRAINING_FLAG] = True
+        hold_merged_saves(self.optimizer.model, True)  # the model inside DDP too
 
     def on_train_end(self, args, state, control, **kwargs):
-        for m in self._hooked():
-            m.__dict__.pop(_TRAINING_FLAG, None)
-
-    def _hooked(self):
-        """The modules of the optimizer's model with :func:`install_save_hook`'s hook (the model inside DDP too)."""
-        return [m for m in self.optimizer.model.modules() if isinstance(m.__dict__.get("save_pretrained"),
-                                                                         _MergedSavePretrained)]
+        hold_merged_saves(self.optimizer.model, False)
 
     def on_step_end(self, args, state, control, **kwargs):
         for info in self.pending:

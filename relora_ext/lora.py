@@ -21,7 +21,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -240,10 +240,20 @@ class LoRALinear(LowRankAdapter):
 
     # -- ReLoRA* operations -----------------------------------------------------------------------
 
-    def merge_operands(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def merge_operands(self, weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(weight, lora_A, lora_B)``: the merge is ``W += s · B @ A``; the reset draws ``A`` and zeroes ``B``
         (:meth:`merge_and_reset_`)."""
-        return self.weight, self.lora_A, self.lora_B
+        return self.weight if weight is None else weight, self.lora_A, self.lora_B
+
+    def base_state_dict(self) -> Dict[str, torch.Tensor]:
+        """``weight`` merged, in the dtype and layout :meth:`to_base` gives (``(in, out)`` for a ``Conv1D``),
+        and ``bias``."""
+        self.refuse_if_unfit("merged_state_dict")
+        w = self.merged_weight().to(self.lora_A.dtype)
+        sd = {"weight": w.t().contiguous() if self._base_cls is not None else w}
+        if self.bias is not None:
+            sd["bias"] = self.bias.detach()
+        return sd
 
     @torch.no_grad()
     def to_base(self) -> nn.Module:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -31,7 +31,10 @@ from .lora import LoRALinear, is_conv1d
 from .quantized import QuantizedLoRALinear, is_quantized
 from .sst import SSTLinear
 
-__all__ = ["ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters"]
+__all__ = [
+    "ReLoRAConfig", "wrap", "unwrap", "lora_layers", "print_trainable_parameters", "merged_state_dict",
+    "install_save_hook", "remove_save_hook", "hold_merged_saves",
+]
 
 #: What ``target_modules`` / ``exclude_modules`` of :func:`wrap` accept.
 ModuleSelector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -365,6 +368,7 @@ def wrap(
         for p in model.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
+    install_save_hook(model)  # a transformers model's own save_pretrained now writes the merged model
     return model
 
 
@@ -448,8 +452,92 @@ def unwrap(model: nn.Module) -> nn.Module:
     for name, layer in layers:  # all or nothing: every layer checks itself before any is merged
         layer.refuse_if_unfit("unwrap", name)
     converted = {id(layer): layer.to_base() for _, layer in layers}  # one merge per layer, however often used
+    remove_save_hook(model)
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):  # every use (named_children skips repeats)
             if id(child) in converted:
                 setattr(parent, child_name, converted[id(child)])
     return model
+
+
+# -- the merged model: a state dict, and the model's own save_pretrained ------------------------------------
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every adapter merged: the keys, dtypes and layouts of the unwrapped model.
+
+    Each adapted layer's entries are replaced by those of the module :func:`unwrap` would put back
+    (:meth:`~relora_ext.adapter.CycledLayer.base_state_dict`: a LoRALinear's or LoRAEmbedding's ``weight``
+    merged by the same kernel, bit for bit, a Conv1D's back in its ``(in, out)`` layout, an SSTLinear's
+    ``U diag(Σ) Vᵀ``). The model is not changed. Refused, nothing returned, if a layer's check fails (NaN/Inf,
+    say) or its base is quantized. Example: ``plain.load_state_dict(merged_state_dict(model))``.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, CycledLayer)]
+    for name, layer in layers:
+        layer.refuse_if_unfit("merged_state_dict", name)
+    merged = {}  # key of the layer's first entry -> (the layer's keys, its base state under the prefix)
+    owner = {}
+    for name, layer in layers:
+        prefix = f"{name}." if name else ""
+        keys = [prefix + k for k in layer.state_dict()]
+        base = {prefix + k: v for k, v in layer.base_state_dict().items()}
+        for k in keys:
+            owner[k] = name
+        merged[name] = base
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        name = owner.get(k)
+        if name is None:
+            out[k] = v
+        elif name in merged:  # the first entry of this layer: its whole base state goes here
+            out.update(merged.pop(name))
+    return out
+
+
+def install_save_hook(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(path)`` (a wrapped ``transformers`` model's own, the PEFT habit) write the
+    merged model, as :func:`save_pretrained` does; a no-op for a model without ``save_pretrained``.
+
+    The hook is an instance attribute (the class is not touched): ``save_pretrained(path, **kwargs)``
+    calls the class's method with ``state_dict=merged_state_dict(model)``. A ``state_dict`` the caller
+    passes is written as given. Inside ``Trainer.train`` with :class:`~relora_ext.ReLoRACallback`, the Trainer's
+    checkpoints keep the unmerged training state (``weight``, ``lora_A``, ``lora_B``), so that
+    ``resume_from_checkpoint`` continues exactly; ``trainer.save_model()`` after training writes the merged
+    model. :func:`remove_save_hook` undoes it (:func:`unwrap` calls it; :func:`wrap` installs it). Example::
+
+        >>> install_save_hook(model); model.save_pretrained("out/")   # loads into the plain architecture
+    """
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = _MergedSavePretrained(model)
+
+
+def remove_save_hook(model: nn.Module) -> None:
+    """Undo :func:`install_save_hook`: ``model.save_pretrained`` is the class's again."""
+    if isinstance(model.__dict__.get("save_pretrained"), _MergedSavePretrained):
+        del model.__dict__["save_pretrained"]
+
+
+class _MergedSavePretrained:
+    """The ``save_pretrained`` :func:`install_save_hook` puts on a model (an object rather than a bound
+    method, so that the model still pickles and deep-copies, the copy's hook pointing at the copy)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.held = False  # see hold_merged_saves
+
+    def __call__(self, save_directory, *args: Any, state_dict=None, **kwargs: Any):
+        model = self.model
+        if state_dict is None and not self.held:
+            state_dict = merged_state_dict(model)
+        return type(model).save_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
+
+
+def hold_merged_saves(model: nn.Module, held: bool) -> None:
+    """While ``held``, the save hooks on ``model``'s modules (:func:`install_save_hook`) write the unmerged
+    training state: :class:`~relora_ext.ReLoRACallback` holds them during ``Trainer.train``, whose checkpoints
+    must resume exactly."""
+    for m in model.modules():
+        hook = m.__dict__.get("save_pretrained")
+        if isinstance(hook, _MergedSavePretrained):
+            hook.held = held

@@ -128,7 +128,12 @@ class QuantizedLoRALinear(LoRALinear):
         lora = F.linear(F.linear(h.to(self.lora_A.dtype), self.lora_A), self.lora_B)
         return self.base(x) + (lora * self.scaling if self.scaling != 1.0 else lora).to(x.dtype)
 
-    def merge_operands(self):
+    def base_state_dict(self):
+        raise ValueError("merged_state_dict: a layer with a quantized base "
+                         f"({type(self.base).__name__}) has no merged state without requantizing; unwrap the model "
+                         "(merging into the quantized weights) and save that instead")
+
+    def merge_operands(self, weight=None):
         """``(None, lora_A, lora_B)``: ``W`` is dequantized only by the merge itself (see :meth:`merge_`)."""
         return None, self.lora_A, self.lora_B
 

@@ -180,6 +180,14 @@ class SSTLinear(CycledLayer):
     def settings(self):
         return {**super().settings(), "method": "sst", "weight_dtype": str(self.U.dtype)}
 
+    def base_state_dict(self):
+        """``weight = U diag(Σ) Vᵀ`` and ``bias``, as :meth:`to_linear` gives them."""
+        self.refuse_if_unfit("merged_state_dict")
+        sd = {"weight": self.weight_sst()}
+        if self.bias is not None:
+            sd["bias"] = self.bias.detach()
+        return sd
+
     def to_base(self) -> nn.Linear:
         """:meth:`to_linear` (what :func:`relora_ext.unwrap` puts back)."""
         return self.to_linear()

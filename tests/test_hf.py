@@ -187,10 +187,10 @@ def test_export_peft_adapter_biases_and_what_peft_cannot_carry(tmp_path):
     assert float((loaded(IDS).logits.detach() - y).abs().max() / y.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-def test_the_models_own_save_pretrained_writes_the_merged_model(tmp_path, make):
-    model = wrap(make(), r=4)
-    relora_ext.hf.install_save_hook(model)     # what wrap installs
+@pytest.mark.parametrize("make,targets", [(tiny_llama, None), (tiny_gpt2, None),
+                                          (tiny_llama, ["q_proj", "v_proj", "embed_tokens", "lm_head"])])
+def test_the_models_own_save_pretrained_writes_the_merged_model(tmp_path, make, targets):
+    model = wrap(make(), r=4, target_modules=targets)   # installs the save hook (tiny Llama: head and table untied)
     opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
     train(model, opt, 3)          # one cycle done, and an unmerged update since
     y = model(IDS).logits.detach()
@@ -203,7 +203,7 @@ def test_the_models_own_save_pretrained_writes_the_merged_model(tmp_path, make):
         assert twin.save_pretrained.model is twin
         twin.save_pretrained(tmp_path / "t")
         assert not type(model).from_pretrained(tmp_path / "t", output_loading_info=True)[1]["unexpected_keys"]
-    relora_ext.hf.remove_save_hook(model)
+    relora_ext.unwrap(model)                                # the plain model again: the class's own method
     assert "save_pretrained" not in model.__dict__
 
 
