@@ -1,7 +1,7 @@
 """The ReLoRA* cycle, all or nothing: merge, reset and prune every adapted layer.
 
 Every ``reset_every`` optimizer steps, :class:`~relora_ext.optim.ReLoRAOptimizer` calls :func:`run_cycle`,
-which for every adapted layer ``ℓ = 0, 1, ...`` (:func:`cycled_layers`, in ``named_modules`` order), at cycle ``c``:
+which for every adapted layer ``ℓ = 0, 1, ...`` (:func:`cycled_layers`, ``named_modules`` order), at cycle ``c``:
 
 1. merges ``W ← W + s · B · A`` (fp32 accumulation, one rounding into ``W``'s dtype);
 2. resets ``B ← 0``, ``A ← init_std · N(0, 1)`` from the Philox stream ``seed`` at :func:`reset_offset`;
@@ -10,8 +10,9 @@ which for every adapted layer ``ℓ = 0, 1, ...`` (:func:`cycled_layers`, in ``n
 
 A cycle is a transaction. It is planned and checked in full before anything is written: every layer
 checks itself (:meth:`~relora_ext.adapter.CycledLayer.check`: the rules of the merge and the reset on its
-tensors) and every state tensor it will prune is checked (dtype, device, layout, at most 16 per layer). A refused cycle raises :class:`CycleRefused` and leaves weights,
-adapters, optimizer state and counters bit-identical; under ``torch.distributed`` the ranks vote first,
+tensors) and every state tensor it will prune is checked (dtype, device, layout, at most 16 per layer). A
+refused cycle raises :class:`CycleRefused` and leaves weights, adapters, optimizer state and counters
+bit-identical; under ``torch.distributed`` the ranks vote first,
 so they refuse together. The work itself goes through a backend chosen once per layer:
 :class:`LocalLayer` (plain tensors: one process, DDP), :class:`ShardedLayer` (FSDP2 DTensors, see
 :mod:`relora_ext.distributed`) or :class:`SSTLayer` (an SST iteration instead of merge and reset).

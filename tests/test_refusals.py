@@ -399,3 +399,22 @@ def test_embeddings_are_adapted_only_when_named():
     model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8))
     wrap(model, r=2, target_modules=lambda n, m: True)  # a predicate selects among linear layers
     assert type(model[0]) is nn.Embedding and isinstance(model[1], LoRALinear)
+
+
+@pytest.mark.parametrize("targets", [["wte"], ["lm_head"], ["wte", "lm_head"]])
+def test_a_tied_embedding_and_head_are_refused_not_merged_twice(targets):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
+                                                                 n_positions=16))
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied, as GPT-2 ships
+    with pytest.raises(ValueError, match="shares memory with .*tied weights"):
+        wrap(model, r=2, target_modules=targets)
+    assert type(model.lm_head) is nn.Linear and type(model.transformer.wte) is nn.Embedding
+
+
+def test_sst_refuses_a_named_embedding():
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="method='sst'.*Embedding"):
+        wrap(model, r=2, method="sst", target_modules=["0", "1"])
+    assert type(model[0]) is nn.Embedding and type(model[1]) is nn.Linear
