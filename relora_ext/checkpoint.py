@@ -305,6 +305,26 @@ def _check_model_state(model: torch.nn.Module, saved: Dict[str, Any], strict: bo
         if isinstance(a, torch.Tensor) and tuple(a.shape) != tuple(b.shape):
             raise ValueError(f"{where}: {k!r} has shape {tuple(b.shape)} in the checkpoint but {tuple(a.shape)} "
                              "in the model")
+    _check_writable_state(current, where)
+
+
+def _check_writable_state(current: Dict[str, Any], where: str) -> None:
+    """The model's tensors must take a copy: no element written twice (an expanded view), and two entries over
+    one memory only as the same view (tied weights). Otherwise ``load_state_dict`` would fail halfway or write
+    one entry over another."""
+    views: Dict[Any, tuple] = {}
+    for k, t in current.items():
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
+            continue
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise ValueError(f"{where}: the model's {k!r} is an expanded view (strides {t.stride()}): loading would "
+                             "write its shared elements several times; give it its own memory first")
+        key = (t.device, t.untyped_storage().data_ptr())
+        view = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if key in views and views[key][1] != view:
+            raise ValueError(f"{where}: the model's {k!r} and {views[key][0]!r} share memory as different views: "
+                             "loading one would overwrite the other")
+        views.setdefault(key, (k, view))
 
 
 def _check_adapters(model: torch.nn.Module, saved: Any, where: str) -> None:
