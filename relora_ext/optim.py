@@ -167,7 +167,8 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         self.model_layers = layers
         self._backends = backends
         self._sst_layers = [layer for (_, layer), b in zip(layers, backends) if b is SSTLayer]
-        self._edges = _module_edges(model, [name for name, _ in layers])
+        self._paths = _module_paths(model, [name for name, _ in layers])
+        self._edges = list({(id(p), part): (p, part, c) for path in self._paths.values() for p, part, c in path}.values())
         self.process_group = process_group
         self.check_ranks = check_ranks
         self._ranks_checked = False
@@ -317,7 +318,7 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         test per module on the way to each layer (cheap enough for every step)."""
         for parent, child_name, child in self._edges:
             if parent._modules.get(child_name) is not child:
-                gone = [n for n, layer in self.model_layers if not _attached(self.model, n, layer)]
+                gone = [n for n, path in self._paths.items() if any(p._modules.get(k) is not c for p, k, c in path)]
                 raise CycleRefused(
                     f"ReLoRAOptimizer: {when} refused, nothing was changed: layer(s) {gone} are no longer in the "
                     "model (unwrapped or replaced since this optimizer was built); build a new optimizer for the "
@@ -398,23 +399,18 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
             self.last_cycle_step = self.cycles_done and self.steps_taken // self.reset_every * self.reset_every
 
 
-def _module_edges(model: nn.Module, names):
-    """``(parent, child name, child)`` for every module on the way from ``model`` to each named layer."""
-    edges = {}
+def _module_paths(model: nn.Module, names):
+    """``{name: [(parent, child name, child), ...]}``: the modules on the way from ``model`` to each layer
+    (a PEFT layer's view is reached through the PEFT module it reads)."""
+    paths = {}
     for name in filter(None, names):  # "" is the model itself
-        parent = model
+        parent, path = model, []
         for part in name.split("."):
             child = parent._modules[part]
-            edges[(id(parent), part)] = (parent, part, child)
+            path.append((parent, part, child))
             parent = child
-    return list(edges.values())
-
-
-def _attached(model: nn.Module, name: str, layer: nn.Module) -> bool:
-    try:
-        return model.get_submodule(name) is layer
-    except AttributeError:
-        return False
+        paths[name] = path
+    return paths
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, where: str) -> None:
