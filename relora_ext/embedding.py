@@ -130,13 +130,14 @@ class LoRAEmbedding(LowRankAdapter):
         self.padding_idx = emb.padding_idx  # nn.Embedding has made it non-negative
         self.r = check_rank(where, r, self.num_embeddings, self.embedding_dim)
         factory = {"device": weight.device, "dtype": weight.dtype}  # A and B: the layer's dtype
+        self.alpha = float(self.r) if alpha is None else alpha
+        init_std = self.valid_init_std(where, 1.0 / math.sqrt(self.r) if init_std is None else init_std,
+                                       weight.dtype)  # checked before the table is touched
         self.freeze_(weight, weight_dtype)
         self.weight = weight
         self.lora_A = nn.Parameter(torch.zeros(self.r, self.num_embeddings, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.embedding_dim, self.r, **factory))
-        # the validated settings need the factors (init_std is bounded by the drawn factor's dtype)
-        self.alpha = float(self.r) if alpha is None else alpha
-        self.init_std = 1.0 / math.sqrt(self.r) if init_std is None else init_std
+        self.init_std = init_std
         self.reset_lora_parameters()
         self.train(emb.training)
 

@@ -363,10 +363,22 @@ def wrap(
                              "SST takes nn.Linear layers (leave it out with exclude_modules)")
         if _kind(mod) == "embedding":
             refuse_embedding_options(f"wrap: cannot adapt layer {name!r}", mod)
+    # Building an adapter freezes (and with weight_dtype converts) the weight it adopts: if a later layer's
+    # construction refuses, put every adopted weight back as it was (the same tensors: nothing copied).
+    adopted = [(p, p.data, p.requires_grad) for _, mod in chosen.values() for p in mod.parameters(recurse=False)]
     new = {}
-    for key, (name, mod) in chosen.items():
-        new[key] = _adapter(mod, cfg, settings)
-        new[key].train(mod.training)
+    try:
+        for key, (name, mod) in chosen.items():
+            try:
+                new[key] = _adapter(mod, cfg, settings)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"wrap: cannot adapt layer {name!r}, nothing was changed: {e}") from None
+            new[key].train(mod.training)
+    except BaseException:
+        for p, data, requires_grad in adopted:
+            p.data = data
+            p.requires_grad_(requires_grad)
+        raise
     for _, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent._modules.items()):  # every use (named_children skips repeats)
             if id(child) in new:
@@ -487,15 +499,15 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, CycledLayer)]
     for name, layer in layers:
         layer.refuse_if_unfit("merged_state_dict", name)
-    merged = {}  # key of the layer's first entry -> (the layer's keys, its base state under the prefix)
-    owner = {}
-    for name, layer in layers:
-        prefix = f"{name}." if name else ""
-        keys = [prefix + k for k in layer.state_dict()]
-        base = {prefix + k: v for k, v in layer.base_state_dict().items()}
-        for k in keys:
-            owner[k] = name
-        merged[name] = base
+    base = {id(layer): layer.base_state_dict() for _, layer in layers}  # one merge per layer
+    merged = {}  # name -> its base state under its prefix; every name of a layer used at several places
+    owner = {}  # state key -> the name of the adapted layer it belongs to
+    for name, layer in model.named_modules(remove_duplicate=False):
+        if isinstance(layer, CycledLayer):
+            prefix = f"{name}." if name else ""
+            for k in layer.state_dict():
+                owner[prefix + k] = name
+            merged[name] = {prefix + k: v for k, v in base[id(layer)].items()}
     out: Dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
         name = owner.get(k)

@@ -448,3 +448,41 @@ def test_a_stale_optimizer_of_a_peft_model_names_the_replaced_layer_only():
     with pytest.raises(CycleRefused, match=r"\['base_model.model.model.layers.0.self_attn.v_proj'\] are no longer"):
         opt.step()
     assert_unchanged(before, snapshot(model, opt))
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_merged_state_dict_of_a_module_used_twice_merges_every_name(kind):
+    torch.manual_seed(0)
+    mod = nn.Linear(8, 8) if kind == "linear" else nn.Embedding(8, 8)
+    model = nn.Sequential(mod, nn.Tanh(), mod)
+    plain = nn.Sequential(*(type(mod)(8, 8) for _ in range(1)), nn.Tanh())
+    plain.append(plain[0])
+    x = torch.randn(3, 8) if kind == "linear" else torch.arange(3)
+    wrap(model, r=2, target_modules=["0"])
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        model[0].lora_A.normal_()
+    y = model(x) if kind == "linear" else model[0](x)
+    sd = relora_ext.merged_state_dict(model)
+    plain.load_state_dict(sd)  # strict: no lora_A/lora_B left under the second name
+    torch.testing.assert_close(plain(x) if kind == "linear" else plain[0](x), y)
+    assert torch.equal(sd["0.weight"], sd["2.weight"])
+
+
+@pytest.mark.parametrize("case", ["init_std beyond fp16", "int table with weight_dtype"])
+def test_a_wrap_refused_at_a_later_layer_puts_the_adopted_weights_back(case):
+    torch.manual_seed(0)
+    if case == "init_std beyond fp16":
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).half())
+        kwargs = dict(target_modules=["0", "1"], init_std=1e5, weight_dtype=torch.bfloat16)
+    else:
+        model = nn.Sequential(nn.Linear(8, 8), nn.Embedding(10, 8))
+        model[1].weight = nn.Parameter(torch.zeros(10, 8, dtype=torch.int32), requires_grad=False)
+        kwargs = dict(target_modules=["0", "1"], weight_dtype=torch.bfloat16)
+    before = snapshot(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises((TypeError, ValueError), match="wrap: cannot adapt layer '1'"):
+        wrap(model, r=2, **kwargs)
+    assert_unchanged(before, snapshot(model))
+    assert [p.dtype for p in model[0].parameters()] == [torch.float32, torch.float32]
+    assert [p.requires_grad for p in model.parameters()] == flags
