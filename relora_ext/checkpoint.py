@@ -28,6 +28,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import tempfile
@@ -305,7 +306,15 @@ def _check_model_state(model: torch.nn.Module, saved: Dict[str, Any], strict: bo
         if isinstance(a, torch.Tensor) and tuple(a.shape) != tuple(b.shape):
             raise ValueError(f"{where}: {k!r} has shape {tuple(b.shape)} in the checkpoint but {tuple(a.shape)} "
                              "in the model")
+        if isinstance(a, torch.Tensor) and _dtype_kind(a.dtype) != _dtype_kind(b.dtype):
+            raise ValueError(f"{where}: {k!r} is {b.dtype} in the checkpoint but {a.dtype} in the model (a copy would "
+                             "drop what does not fit)")
     _check_writable_state(current, where)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else "bool" if dtype == torch.bool \
+        else "int"
 
 
 def _check_writable_state(current: Dict[str, Any], where: str) -> None:
@@ -337,6 +346,9 @@ def _check_adapters(model: torch.nn.Module, saved: Any, where: str) -> None:
             raise ValueError(f"{where}: layer {name!r} is a LoRALinear in the model but not in the checkpoint")
         if name not in current:
             raise ValueError(f"{where}: layer {name!r} is a LoRALinear in the checkpoint but not in the model")
+        if not isinstance(saved[name], dict) or set(saved[name]) != set(current[name]):
+            raise ValueError(f"{where}: layer {name!r} has the settings {saved[name]!r:.80} in the checkpoint; this "
+                             f"{type(model).__name__} records {sorted(current[name])}")
         for k, v in saved[name].items():
             if current[name].get(k) != v:
                 raise ValueError(f"{where}: layer {name!r} was saved with {k}={v!r} but the model has "
@@ -365,6 +377,10 @@ def _check_like(current: Any, saved: Any, what: str, name: str) -> None:
                              f"{type(v).__name__}")
         if kind == (bool,) and not isinstance(w, bool) or kind == (int, float) and isinstance(w, bool):
             raise ValueError(f"{what}: {k!r} is {w!r}, this {name} holds {type(v).__name__} {v!r}")
+        if isinstance(w, float) and not math.isfinite(w):
+            raise ValueError(f"{what}: {k!r} is {w!r}, not a finite number")
+        if kind == (list, tuple) and len(w) != len(v):
+            raise ValueError(f"{what}: {k!r} has {len(w)} entries, this {name} holds {len(v)} ({v!r:.60})")
 
 
 def _check_optimizer(optimizer, state_dict, saved_type: Optional[str], where: str) -> None:
@@ -469,6 +485,8 @@ def load_checkpoint(
             raise ValueError(f"{where}: {path!r} is corrupted: its content does not match its SHA-256 digest")
         _check_adapters(model, ckpt.get("adapters"), where)
     types = ckpt.get("types", {})
+    if not isinstance(types, dict) or not all(isinstance(v, str) for v in types.values()):
+        raise ValueError(f"{where}: the checkpoint's 'types' entry must map names to type names, got {types!r:.80}")
     targets = [(name, obj) for name, obj in (("optimizer", optimizer), ("scheduler", scheduler),
                                              ("scaler", scaler)) if obj is not None]
     for name, obj in targets:
@@ -483,12 +501,25 @@ def load_checkpoint(
                              f"{type(obj).__qualname__}")
         if obj is not None:
             _check_like(obj.state_dict(), ckpt[name], f"{where}: the {name} state", name)
+            check = getattr(obj, "check_state_dict", None)  # a JaggedCosineLR checks its settings
+            if callable(check):
+                check(ckpt[name], where)
     if rng and "rng" in ckpt:
         check_rng_state(ckpt["rng"], where)
-    # every check passed: load
-    model.load_state_dict(ckpt["model"], strict=strict)
-    for name, obj in targets:
-        obj.load_state_dict(ckpt[name])
+    # Every check passed: load. Should a load still refuse, what was loaded before it is put back: the
+    # optimizer, scheduler and scaler first (load_state_dict gives them new state objects, so their old
+    # state_dict() is a copy-free undo), the model last (copied in place into its tensors).
+    undo = []
+    try:
+        for name, obj in targets:
+            old = obj.state_dict()
+            obj.load_state_dict(ckpt[name])
+            undo.append((obj, old))
+        model.load_state_dict(ckpt["model"], strict=strict)
+    except Exception as e:
+        for obj, old in reversed(undo):
+            obj.load_state_dict(old)
+        raise ValueError(f"{where}: refused while loading, nothing was changed: {type(e).__name__}: {e}") from e
     if rng and "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     return ckpt.get("extra", {})

@@ -20,6 +20,7 @@ The ten-line loop::
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any, Dict
 
@@ -415,8 +416,10 @@ def _module_paths(model: nn.Module, names):
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, where: str) -> None:
     """Raise :class:`ValueError` if ``optimizer.load_state_dict(state_dict)`` would fail or load state that
-    does not fit: another optimizer's hyper-parameter keys, other group sizes, state shaped unlike its
-    parameter. Changes nothing. (A :class:`~relora_ext.optim.ReLoRAOptimizer` checks its settings too.)"""
+    does not fit: another optimizer's hyper-parameter keys, other group sizes, hyper-parameters of another
+    kind or not finite, state shaped unlike its parameter or of another dtype, a ``step`` that is not a finite
+    count, an entry shaped like its parameter for some parameters and not for others. Changes nothing.
+    (A :class:`~relora_ext.optim.ReLoRAOptimizer` checks its settings too.)"""
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError(f"{where}: expected an optimizer state dict with 'state' and 'param_groups', got "
                          f"{type(state_dict).__name__}")
@@ -434,10 +437,11 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, whe
             raise ValueError(f"{where}: parameter group {i} of the state lacks {missing}: it was saved from another "
                              f"optimizer type than {type(optimizer).__name__}")
         for k in sorted(set(g) & set(sg) - {"params"}):
-            if not _same_kind(g[k], sg[k]):
+            if not _same_kind(g[k], sg[k]) or not _finite(sg[k]):
                 raise ValueError(f"{where}: parameter group {i}: {k!r} is {sg[k]!r} ({type(sg[k]).__name__}) in the "
                                  f"state, the optimizer holds {g[k]!r} ({type(g[k]).__name__})")
         params.update(zip(sg["params"], g["params"]))
+    shaped: Dict[Any, Dict[bool, Any]] = {}  # state key -> {shaped like its parameter?: an example parameter id}
     for pid, st in state_dict["state"].items():
         p = params.get(pid)
         if p is None:
@@ -445,6 +449,11 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, whe
         if not isinstance(st, dict):
             raise ValueError(f"{where}: the optimizer state of parameter {pid} is a {type(st).__name__}, not a dict")
         for k, v in st.items():
+            if k == "step" and not _is_count(v):
+                raise ValueError(f"{where}: optimizer state 'step' of parameter {pid} must be a finite count >= 0 "
+                                 f"(a number or a one-element tensor), got {v!r:.60}")
+            if p.numel() > 1 and isinstance(v, torch.Tensor):
+                shaped.setdefault(k, {}).setdefault(v.dim() > 0, pid)
             if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
                 raise ValueError(f"{where}: optimizer state {k!r} of parameter {pid} has shape {tuple(v.shape)} "
                                  f"but the parameter has shape {tuple(p.shape)}")
@@ -453,6 +462,27 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, whe
             if isinstance(v, torch.Tensor) and v.dim() > 0 and v.dtype != want:
                 raise ValueError(f"{where}: optimizer state {k!r} of parameter {pid} is {v.dtype}, expected {want} "
                                  "(the dtype of its parameter / of the state the optimizer holds)")
+    for k, kinds in shaped.items():
+        if True in kinds and False in kinds:
+            raise ValueError(f"{where}: optimizer state {k!r} is shaped like its parameter for parameter {kinds[True]} "
+                             f"but not for parameter {kinds[False]}")
+
+
+def _is_count(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.is_complex() or v.dtype == torch.bool:
+            return False
+        v = v.item()
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _finite(v: Any) -> bool:
+    """No NaN or infinity among the numbers of a hyper-parameter (``lr``, ``betas``, ...)."""
+    if isinstance(v, (list, tuple)):
+        return all(_finite(x) for x in v)
+    if isinstance(v, torch.Tensor):
+        return bool(torch.isfinite(v).all()) if v.dtype.is_floating_point else True
+    return not isinstance(v, float) or math.isfinite(v)
 
 
 def _same_kind(current: Any, saved: Any) -> bool:

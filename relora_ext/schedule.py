@@ -89,31 +89,15 @@ class JaggedCosineLR(LRScheduler):
 
     def __init__(self, optimizer, *, total_steps: int, warmup_steps: int, restart_warmup_steps: int,
                  cycle_length: Optional[int] = None, min_lr_ratio: float = 0.1, last_epoch: int = -1) -> None:
-        self.total_steps = check_int(_WHERE, "total_steps", total_steps, lo=1)
-        self.warmup_steps = check_int(_WHERE, "warmup_steps", warmup_steps, lo=0)
         reset_every = getattr(optimizer, "reset_every", None)
         if cycle_length is None:
             if reset_every is None:
                 raise ValueError("JaggedCosineLR: cycle_length is needed for an optimizer that is not a "
                                  f"ReLoRAOptimizer (got {type(optimizer).__name__})")
             cycle_length = reset_every
-        self.cycle_length = check_int(_WHERE, "cycle_length", cycle_length, lo=1)
-        self.restart_warmup_steps = check_int(_WHERE, "restart_warmup_steps", restart_warmup_steps, lo=0)
-        if self.warmup_steps >= self.total_steps:
-            raise ValueError(
-                f"JaggedCosineLR: warmup_steps must be < total_steps ({self.total_steps}), got {self.warmup_steps}"
-            )
-        if self.warmup_steps > self.cycle_length:
-            raise ValueError(
-                f"JaggedCosineLR: warmup_steps must be <= cycle_length ({self.cycle_length}) so that the first "
-                f"reset comes after the warmup, got {self.warmup_steps}"
-            )
-        if self.restart_warmup_steps > self.cycle_length:
-            raise ValueError(
-                f"JaggedCosineLR: restart_warmup_steps must be <= cycle_length ({self.cycle_length}), "
-                f"got {self.restart_warmup_steps}"
-            )
-        self.min_lr_ratio = check_float(_WHERE, "min_lr_ratio", min_lr_ratio, lo=0.0, hi=1.0)
+        self.__dict__.update(_checked_settings(_WHERE, total_steps=total_steps, warmup_steps=warmup_steps,
+                                               cycle_length=cycle_length, restart_warmup_steps=restart_warmup_steps,
+                                               min_lr_ratio=min_lr_ratio))
         if self.total_steps <= self.cycle_length:
             warnings.warn(
                 f"JaggedCosineLR: total_steps={self.total_steps} <= cycle_length={self.cycle_length}: no reset "
@@ -125,6 +109,29 @@ class JaggedCosineLR(LRScheduler):
                 stacklevel=2,
             )
         super().__init__(optimizer, last_epoch)
+
+    def check_state_dict(self, state_dict, where: str = "JaggedCosineLR.load_state_dict") -> None:
+        """Raise :class:`ValueError` if :meth:`load_state_dict` would load settings the constructor refuses, a
+        ``base_lrs`` of another length than the optimizer's groups or not finite, or a bad ``last_epoch``;
+        changes nothing."""
+        try:
+            if not isinstance(state_dict, dict):
+                raise ValueError(f"{where}: expected a dict, got {type(state_dict).__name__}")
+            _checked_settings(where, **{k: state_dict.get(k, getattr(self, k)) for k in _SETTINGS})
+            base = state_dict.get("base_lrs", self.base_lrs)
+            if not isinstance(base, (list, tuple)) or len(base) != len(self.optimizer.param_groups):
+                raise ValueError(f"{where}: base_lrs must list {len(self.optimizer.param_groups)} rates (one per "
+                                 f"parameter group), got {base!r:.80}")
+            for lr in base:
+                check_float(where, "base_lrs[i]", lr, lo=0.0)
+            check_int(where, "last_epoch", state_dict.get("last_epoch", self.last_epoch), lo=-1)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+
+    def load_state_dict(self, state_dict) -> None:
+        """As :meth:`torch.optim.lr_scheduler.LRScheduler.load_state_dict`, after :meth:`check_state_dict`."""
+        self.check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
 
     def _t(self) -> int:
         steps = getattr(self.optimizer, "steps_taken", None)
@@ -144,3 +151,26 @@ class JaggedCosineLR(LRScheduler):
     def get_lr(self):
         f = self.factor(self._t())
         return [base * f for base in self.base_lrs]
+
+
+_SETTINGS = ("total_steps", "warmup_steps", "cycle_length", "restart_warmup_steps", "min_lr_ratio")
+
+
+def _checked_settings(where: str, *, total_steps, warmup_steps, cycle_length, restart_warmup_steps,
+                      min_lr_ratio) -> dict:
+    """The schedule's settings, checked alone and against each other (the constructor's and a load's rules)."""
+    total_steps = check_int(where, "total_steps", total_steps, lo=1)
+    warmup_steps = check_int(where, "warmup_steps", warmup_steps, lo=0)
+    cycle_length = check_int(where, "cycle_length", cycle_length, lo=1)
+    restart_warmup_steps = check_int(where, "restart_warmup_steps", restart_warmup_steps, lo=0)
+    if warmup_steps >= total_steps:
+        raise ValueError(f"{where}: warmup_steps must be < total_steps ({total_steps}), got {warmup_steps}")
+    if warmup_steps > cycle_length:
+        raise ValueError(f"{where}: warmup_steps must be <= cycle_length ({cycle_length}) so that the first reset "
+                         f"comes after the warmup, got {warmup_steps}")
+    if restart_warmup_steps > cycle_length:
+        raise ValueError(f"{where}: restart_warmup_steps must be <= cycle_length ({cycle_length}), "
+                         f"got {restart_warmup_steps}")
+    min_lr_ratio = check_float(where, "min_lr_ratio", min_lr_ratio, lo=0.0, hi=1.0)
+    return dict(total_steps=total_steps, warmup_steps=warmup_steps, cycle_length=cycle_length,
+                restart_warmup_steps=restart_warmup_steps, min_lr_ratio=min_lr_ratio)

@@ -279,7 +279,29 @@ def _disabled_scaler(ck):
     ck["scaler"] = {}  # what a disabled GradScaler saves
 
 
+def _first_state(ck):
+    return next(iter(ck["optimizer"]["state"].values()))
+
+
+def _set(path, value):
+    def edit(ck):
+        *head, last = path
+        d = ck
+        for k in head:
+            d = d[k] if not callable(k) else k(d)
+        d[last] = value(d[last]) if callable(value) else value
+    return edit
+
+
 CHECKPOINT_TRIGGERS = {
+    "string step": (_set([_first_state, "step"], "x"), "'step' of parameter"),
+    "negative step": (_set([_first_state, "step"], torch.tensor(-3.0)), "'step' of parameter"),
+    "scalar exp_avg": (_set([_first_state, "exp_avg"], torch.tensor(0.5)), "'exp_avg' is shaped like its parameter"),
+    "NaN lr": (_set(["optimizer", "param_groups", 0, "lr"], float("nan")), "'lr' is nan"),
+    "empty base_lrs": (_set(["scheduler", "base_lrs"], []), "'base_lrs' has 0 entries"),
+    "emptied adapter settings": (_set(["adapters", "0"], {}), "layer '0' has the settings"),
+    "complex model entry": (_set(["model", "0.bias"], lambda t: t.to(torch.complex64)), "complex64 in the checkpoint"),
+    "types as a list": (_set(["types"], []), "'types' entry"),
     "string lr": (_bad_lr, "'lr' is '0.01'"),
     "float64 Adam state": (_float64_adam, "torch.float64"),
     "junk scheduler state": (_junk_scheduler, "scheduler state has keys"),
@@ -297,6 +319,39 @@ def _training_objects(seed=0):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     return model, opt, sched, scaler
+
+
+@pytest.mark.parametrize("setting,value", [("cycle_length", 0), ("min_lr_ratio", float("nan")), ("total_steps", 0),
+                                           ("base_lrs", [0.1, 0.2]), ("last_epoch", -5)])
+def test_a_jagged_cosine_state_with_bad_settings_is_refused_everywhere(tmp_path, setting, value):
+    model = make_model(n_layers=2)
+    opt = trained(model, steps=2, reset_every=4)
+    sched = relora_ext.JaggedCosineLR(opt, total_steps=40, warmup_steps=2, restart_warmup_steps=1)
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+    _resave(path, _set(["scheduler", setting], value))
+    sd = dict(sched.state_dict(), **{setting: value})
+    before, sched_before = snapshot(model, opt), sched.state_dict()
+    with pytest.raises(ValueError, match=setting.rstrip("s")):
+        sched.load_state_dict(sd)
+    with pytest.raises(ValueError, match=setting.rstrip("s")):
+        load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+    assert_unchanged(before, snapshot(model, opt))
+    assert sched.state_dict() == sched_before
+
+
+def test_a_refused_optimizer_load_changes_nothing():
+    model = make_model(n_layers=2)
+    sd = trained(model, steps=3).state_dict()
+    sd["state"][next(iter(sd["state"]))]["step"] = "x"
+    other = make_model(n_layers=2, seed=1)
+    opt = trained(other, steps=1)
+    before = snapshot(other, opt)
+    with pytest.raises(ValueError, match="'step' of parameter"):
+        opt.load_state_dict(sd)
+    assert_unchanged(before, snapshot(other, opt))
+    other(torch.randn(2, 8)).sum().backward()
+    opt.step()  # still a working optimizer
 
 
 @pytest.mark.parametrize("trigger", sorted(CHECKPOINT_TRIGGERS))
