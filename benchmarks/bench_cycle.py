@@ -129,7 +129,8 @@ def main():
         f"AdamW state of every A and B). Median of {rounds} interleaved rounds after a warm-up. The CPU is "
         "shared with other jobs: the share, from times measured side by side, is the figure that counts. "
         f"The share reaches 1% only at reset_every ≈ {breakeven:.0f}. Every step also checks that the cycled "
-        f"layers are still in the model (a stale optimizer refuses): {med_attach * 1e6:.1f} µs for {n_layers} "
+        f"layers and their trained parameters are still in the model (a stale optimizer refuses): "
+        f"{med_attach * 1e6:.1f} µs for {n_layers} "
         f"layers, {med_attach / med['step']:.4%} of a step.\n\n"
         + table(["reset_every", "step ms", "cycle ms", "merge+reset ms", "prune+checks ms",
                  "cycle share of training", "goal"], rows)

@@ -169,7 +169,10 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         self._backends = backends
         self._sst_layers = [layer for (_, layer), b in zip(layers, backends) if b is SSTLayer]
         self._paths = _module_paths(model, [name for name, _ in layers])
-        self._edges = list({(id(p), part): (p, part, c) for path in self._paths.values() for p, part, c in path}.values())
+        self._slots = _parameter_slots(model, layers)
+        owner_paths = _module_paths(model, [q.rpartition(".")[0] for q, _, _, _ in self._slots])
+        self._edges = list({(id(p), part): (p, part, c) for path in (*self._paths.values(), *owner_paths.values())
+                            for p, part, c in path}.values())
         self.process_group = process_group
         self.check_ranks = check_ranks
         self._ranks_checked = False
@@ -314,16 +317,21 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
         return handle
 
     def _check_layers_attached(self, when: str) -> None:
-        """Refuse to go on if a layer this optimizer cycles left the model (unwrapped or replaced): its
-        adapters would be stepped and cycled while the model no longer computes with them. One identity
-        test per module on the way to each layer (cheap enough for every step)."""
-        for parent, child_name, child in self._edges:
-            if parent._modules.get(child_name) is not child:
-                gone = [n for n, path in self._paths.items() if any(p._modules.get(k) is not c for p, k, c in path)]
-                raise CycleRefused(
-                    f"ReLoRAOptimizer: {when} refused, nothing was changed: layer(s) {gone} are no longer in the "
-                    "model (unwrapped or replaced since this optimizer was built); build a new optimizer for the "
-                    "model as it is now")
+        """Refuse to go on if a layer this optimizer cycles, or one of its trained parameters, left the model
+        (unwrapped, replaced, ``load_state_dict(assign=True)``): the optimizer would step and cycle what the
+        model no longer computes with. One identity test per module on the way to each layer and to the
+        module holding each trained parameter, and one per parameter slot (cheap enough for every step)."""
+        if all(parent._modules.get(name) is child for parent, name, child in self._edges) and all(
+                owner._parameters.get(key) is p for _, owner, key, p in self._slots):
+            return
+        gone = [n for n, path in self._paths.items() if any(p._modules.get(k) is not c for p, k, c in path)]
+        if not gone:
+            gone = [where for where, owner, key, p in self._slots if owner._parameters.get(key) is not p
+                    or self.model.get_submodule(where.rpartition(".")[0]) is not owner]
+        raise CycleRefused(
+            f"ReLoRAOptimizer: {when} refused, nothing was changed: {gone} are no longer in the model (unwrapped "
+            "or replaced since this optimizer was built: it would step and cycle the old ones); build a new "
+            "optimizer for the model as it is now")
 
     def _check_layers_unchanged(self, when: str) -> None:
         """Refuse to go on if the model gained LoRALinear layers this optimizer does not know."""
@@ -398,6 +406,23 @@ class ReLoRAOptimizer(torch.optim.Optimizer):
             setattr(self, k, meta.get(k, 0))
         if "last_cycle_step" not in meta:  # saved before it existed: the cycles ran on schedule
             self.last_cycle_step = self.cycles_done and self.steps_taken // self.reset_every * self.reset_every
+
+
+def _parameter_slots(model: nn.Module, layers):
+    """``(qualified name, owning module, key, parameter)`` of every parameter the layers train, found where
+    the model holds it (a PEFT view's factors live in the PEFT layer's ``lora_A``/``lora_B`` dicts)."""
+    where = {}
+    for mname, mod in model.named_modules():
+        for key, p in mod._parameters.items():
+            if p is not None:
+                where.setdefault(id(p), (f"{mname}.{key}" if mname else key, mod, key))
+    slots = []
+    for _, layer in layers:
+        for pname in layer.trained:
+            p = getattr(layer, pname)
+            if id(p) in where:
+                slots.append((*where[id(p)], p))
+    return slots
 
 
 def _module_paths(model: nn.Module, names):

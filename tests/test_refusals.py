@@ -541,3 +541,18 @@ def test_a_wrap_refused_at_a_later_layer_puts_the_adopted_weights_back(case):
     assert_unchanged(before, snapshot(model))
     assert [p.dtype for p in model[0].parameters()] == [torch.float32, torch.float32]
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize("how", ["assign", "new Parameter"])
+def test_an_optimizer_whose_factors_were_replaced_refuses_to_step(how):
+    model = make_model(n_layers=2)
+    opt = trained(model, steps=1, reset_every=3)
+    if how == "assign":
+        model.load_state_dict(model.state_dict(), assign=True)  # new Parameter objects everywhere
+    else:
+        model[0].lora_A = nn.Parameter(model[0].lora_A.detach().clone())
+    model(torch.randn(3, 8)).sum().backward()
+    before = snapshot(model, opt)
+    with pytest.raises(CycleRefused, match=r"'0.lora_A'.* are no longer in the model"):
+        opt.step()
+    assert_unchanged(before, snapshot(model, opt))
