@@ -226,8 +226,11 @@ class LoRAEmbedding(LowRankAdapter):
             got = tuple(getattr(self, name).shape)
             if got != shape:
                 return f"{name} has shape {got}, expected {shape}"
+        pad = self.padding_idx
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.num_embeddings):
+            return f"padding_idx must be None or an int in [0, {self.num_embeddings}), got {pad!r}"
         problem = super().check()
-        if problem is None and self.padding_idx is not None and bool(self.lora_A[:, self.padding_idx].ne(0).any()):
+        if problem is None and pad is not None and bool(self.lora_A[:, pad].ne(0).any()):
             # the forward masks it and its gradient is zero: only a direct write gets it there
             return (f"lora_A[:, padding_idx={self.padding_idx}] is nonzero: a merge would change the padding row "
                     "of the table, which nn.Embedding keeps fixed; zero that column")

@@ -24,6 +24,7 @@ from .adapter import CycledLayer
 from .analysis import _tensors_in
 from .optim import ReLoRAOptimizer
 from .model import output_head
+from .peft_layers import is_peft_lora_layer
 
 __all__ = ["GroupMemory", "MemoryReport", "memory_report", "GROUPS"]
 
@@ -117,10 +118,16 @@ def _is_adapted(mod: nn.Module) -> bool:
     return isinstance(mod, CycledLayer)  # LoRALinear (and its quantized kind), LoRAEmbedding, SSTLinear
 
 
-def _group(name: str, mod: nn.Module, pname: str, p: torch.Tensor, head: Optional[nn.Module]) -> str:
+def _peft_factors(model: nn.Module) -> set:
+    """ids of the factors of PEFT's own LoRA layers (``lora_A``, ``lora_B``, DoRA's magnitudes, ...)."""
+    return {id(p) for m in model.modules() if is_peft_lora_layer(m)
+            for n, p in m.named_parameters() if n.startswith("lora_")}
+
+
+def _group(name: str, mod: nn.Module, pname: str, p: torch.Tensor, head: Optional[nn.Module], peft: set) -> str:
     if not p.requires_grad:
         return "frozen"
-    if _is_adapted(mod):
+    if _is_adapted(mod) or id(p) in peft:
         return "other" if pname == "bias" else "adapters"
     if "norm" in type(mod).__name__.lower():
         return "norms"
@@ -210,14 +217,16 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
     seen, state_seen = set(), set()
     measured = estimated = 0  # parameters whose state was read / estimated
     trainable = not_held = 0
+    peft = _peft_factors(model)
     for name, mod in model.named_modules():
-        if _is_adapted(mod):
-            adapted[type(mod).__name__] = adapted.get(type(mod).__name__, 0) + 1
+        if _is_adapted(mod) or is_peft_lora_layer(mod):
+            kind = type(mod).__name__ if _is_adapted(mod) else f"PEFT {type(mod).__name__}"
+            adapted[kind] = adapted.get(kind, 0) + 1
         for pname, p in mod.named_parameters(recurse=False):
             if _key(p) in seen:
                 continue
             seen.add(_key(p))
-            key = _group(name, mod, pname, p, head)
+            key = _group(name, mod, pname, p, head, peft)
             if key in ("full_rank", "embeddings_head"):
                 full_rank[type(mod).__name__] = full_rank.get(type(mod).__name__, 0) + 1
             size = p.numel() * p.element_size()

@@ -253,8 +253,8 @@ def wrap(
     :class:`torch.nn.MultiheadAttention`'s ``out_proj`` are skipped (their owner reads ``.weight``
     directly). bitsandbytes ``Linear4bit``/``Linear8bitLt`` layers are adapted as
     :class:`relora_ext.quantized.QuantizedLoRALinear` (merge = dequantize, add in float32, requantize).
-    An :class:`torch.nn.Embedding` is adapted as :class:`relora_ext.LoRAEmbedding` only when a name in a
-    ``target_modules`` list names it (``"embed_tokens"``); ``lora_dropout`` does not apply to it (its input is
+    An :class:`torch.nn.Embedding` is adapted as :class:`relora_ext.LoRAEmbedding` only when ``target_modules``
+    names it (an entry of a list, ``"embed_tokens"``, or a regular expression; never a predicate or the default); ``lora_dropout`` does not apply to it (its input is
     token ids). The output head is adapted as any linear layer when named (``"lm_head"``). A head tied to the
     embeddings (one storage) is refused, adapting either: a merge into one would change the other. Measured
     cost (``benchmarks/RESULTS.md``, bench_memory and train_lm_io_3k): at the LLaMA-130M shape, r = 128,
@@ -314,8 +314,8 @@ def wrap(
     candidates, chosen = [], {}  # chosen: id -> (first name, module)
     for mod, mod_names in names.values():
         kind = _kind(mod)
-        if kind is None or (kind == "embedding" and not isinstance(target, (list, tuple, set, frozenset))):
-            continue  # an embedding is adapted only when a name in target_modules names it
+        if kind is None or (kind == "embedding" and not isinstance(target, (str, list, tuple, set, frozenset))):
+            continue  # an embedding is adapted only when target_modules names it (a name or a regex)
         candidates.append(mod_names[0])
         if target is None:
             ok = id(mod) not in default_excluded
@@ -340,6 +340,9 @@ def wrap(
         )
     if isinstance(target, (list, tuple, set, frozenset)):
         _refuse_unadaptable_targets(target, names, chosen)
+    for entry in cfg.modules_to_save:  # a typo would freeze the module it meant to keep training
+        if not any(_name_matches(n, m, [entry], "modules_to_save") for n, m in model.named_modules()):
+            raise ValueError(f"wrap: modules_to_save entry {entry!r} matches no module of {type(model).__name__}")
     # Check every chosen layer before changing any (a refused wrap leaves the model as it was).
     for name, mod in chosen.values():
         sharers = [n for mid, n in owners[_storage_key(mod.weight)].items() if mid != id(mod)]

@@ -141,3 +141,17 @@ def test_str_and_refusals(capsys):
         memory_report(3)
     with pytest.raises(TypeError, match="optimizer must be None or a torch.optim.Optimizer, got list"):
         memory_report(Small(), [])
+
+
+def test_a_peft_models_factors_count_as_adapters():
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=32, max_position_embeddings=16))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    report = relora_ext.memory_report(model)
+    assert report.adapted == {"PEFT Linear": 2}
+    assert report.groups["adapters"].params == 2 * (2 * 16 + 16 * 2)  # A (2, 16) and B (16, 2) per layer
+    assert report.groups["full_rank"].params == 0

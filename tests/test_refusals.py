@@ -556,3 +556,24 @@ def test_an_optimizer_whose_factors_were_replaced_refuses_to_step(how):
     with pytest.raises(CycleRefused, match=r"'0.lora_A'.* are no longer in the model"):
         opt.step()
     assert_unchanged(before, snapshot(model, opt))
+
+
+def test_a_regex_naming_an_embedding_adapts_it():
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8))
+    wrap(model, r=2, target_modules=r"0|1")
+    assert type(model[0]).__name__ == "LoRAEmbedding" and isinstance(model[1], LoRALinear)
+
+
+def test_a_modules_to_save_typo_is_refused_before_anything_changes():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="modules_to_save entry '11' matches no module"):
+        wrap(model, r=2, target_modules=["0"], freeze_others=True, modules_to_save=["11"])
+    assert_unchanged(before, snapshot(model))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_bad_padding_idx_written_by_hand_is_a_reason_not_a_crash():
+    layer = relora_ext.LoRAEmbedding(10, 4, r=2, padding_idx=1)
+    layer.padding_idx = 12
+    assert "padding_idx must be None or an int in [0, 10)" in layer.check()
