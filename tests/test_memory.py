@@ -144,14 +144,10 @@ def test_str_and_refusals(capsys):
 
 
 def test_a_peft_models_factors_count_as_adapters():
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=32, max_position_embeddings=16))
-    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    report = relora_ext.memory_report(model)
-    assert report.adapted == {"PEFT Linear": 2}
-    assert report.groups["adapters"].params == 2 * (2 * 16 + 16 * 2)  # A (2, 16) and B (16, 2) per layer
+    pytest.importorskip("peft")
+    from _hf_models import tiny_peft_llama
+
+    report = relora_ext.memory_report(tiny_peft_llama())  # 2 blocks, q_proj and v_proj adapted at r = 2
+    assert report.adapted == {"PEFT Linear": 4}
+    assert report.groups["adapters"].params == 4 * (2 * 32 + 32 * 2)  # A (2, 32) and B (32, 2) per layer
     assert report.groups["full_rank"].params == 0

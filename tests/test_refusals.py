@@ -486,13 +486,10 @@ def test_sst_refuses_a_named_embedding():
 
 
 def test_a_stale_optimizer_of_a_peft_model_names_the_replaced_layer_only():
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=32, max_position_embeddings=16))
-    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    pytest.importorskip("peft")
+    from _hf_models import tiny_peft_llama
+
+    model = tiny_peft_llama()
     opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=5)
     ids = torch.randint(0, 32, (1, 6))
     model(ids, labels=ids).loss.backward()
