@@ -104,6 +104,14 @@ def check_rank(where: str, r, in_features: int, out_features: int) -> int:
 # -- tensors ----------------------------------------------------------------------------------------
 
 
+def storage_key(t: torch.Tensor):
+    """What identifies the memory of ``t``: two Parameters over one storage (``dec.weight =
+    nn.Parameter(enc.weight.t())``) are tied as surely as one Parameter used twice."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return ("id", id(t))
+    return (t.device, t.untyped_storage().data_ptr())
+
+
 def check_tensor(where: str, name: str, t, ndim: Optional[int] = None) -> None:
     """A float32/bfloat16/float16 tensor, of ``ndim`` dimensions if given."""
     if not isinstance(t, torch.Tensor):

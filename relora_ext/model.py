@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import F32_MAX, FLOAT_DTYPES, check_bool, check_float, check_int, check_rank
+from ._checks import F32_MAX, FLOAT_DTYPES, check_bool, check_float, check_int, check_rank, storage_key
 from .adapter import CycledLayer
 from .embedding import LoRAEmbedding, refuse_embedding_options
 from .lora import LoRALinear, is_conv1d
@@ -75,20 +75,12 @@ def _kind(mod: nn.Module) -> Optional[str]:
     return None
 
 
-def _storage_key(p: torch.Tensor):
-    """What identifies the memory of ``p``: two Parameters over one storage (``dec.weight =
-    nn.Parameter(enc.weight.t())``) are tied as surely as one Parameter used twice."""
-    if p.device.type == "meta" or p.numel() == 0:
-        return ("id", id(p))
-    return (p.device, p.untyped_storage().data_ptr())
-
-
 def _owners(model: nn.Module) -> dict:
     """storage key -> {id(module): first name} of every module holding a parameter over that memory."""
     owners: dict = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
-            owners.setdefault(_storage_key(p), {}).setdefault(id(mod), name)
+            owners.setdefault(storage_key(p), {}).setdefault(id(mod), name)
     return owners
 
 
@@ -113,7 +105,7 @@ def _default_excluded(model: nn.Module, owners: dict) -> set:
         excluded.add(id(head))
     for name, mod in model.named_modules():
         if _kind(mod) is not None:
-            if len(owners.get(_storage_key(mod.weight), ())) > 1:
+            if len(owners.get(storage_key(mod.weight), ())) > 1:
                 excluded.add(id(mod))
             if name.rsplit(".", 1)[-1] in _HEAD_NAMES:
                 excluded.add(id(mod))
@@ -345,7 +337,7 @@ def wrap(
             raise ValueError(f"wrap: modules_to_save entry {entry!r} matches no module of {type(model).__name__}")
     # Check every chosen layer before changing any (a refused wrap leaves the model as it was).
     for name, mod in chosen.values():
-        sharers = [n for mid, n in owners[_storage_key(mod.weight)].items() if mid != id(mod)]
+        sharers = [n for mid, n in owners[storage_key(mod.weight)].items() if mid != id(mod)]
         if sharers:
             raise ValueError(
                 f"wrap: cannot adapt layer {name!r}: its weight shares memory with {sharers} (tied weights); a merge "

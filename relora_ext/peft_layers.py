@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._checks import storage_key
 from .adapter import LowRankAdapter
 from .quantized import dequantize, is_quantized, requantize_
 
@@ -201,6 +202,10 @@ def lora_views(model: nn.Module) -> List[Tuple[str, PeftLoRAView]]:
     Example: ``[n for n, _ in lora_views(peft_model)][0] == "base_model.model.model.layers.0.self_attn.q_proj"``.
     """
     out = []
+    holders: dict = {}  # memory -> names of the modules holding a parameter over it (tied weights)
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            holders.setdefault(storage_key(p), set()).add(mname)
     for name, mod in model.named_modules():
         if not is_peft_lora_layer(mod):
             continue
@@ -219,6 +224,11 @@ def lora_views(model: nn.Module) -> List[Tuple[str, PeftLoRAView]]:
         problem = _peft_problem(mod, active[0])
         if problem is not None:
             raise ValueError(f"{where}: {problem}")
+        tied = sorted(holders.get(storage_key(mod.base_layer.weight), set()) - {f"{name}.base_layer"})
+        if tied:
+            raise ValueError(f"{where}: its base weight shares memory with {tied} (tied weights, as an output head "
+                             "tied to the embeddings): a merge would change those modules too; leave it out of "
+                             "target_modules or untie the weights")
         views = mod.__dict__.setdefault("_relora_views", {})  # bypasses nn.Module: not a submodule
         if active[0] not in views:
             views[active[0]] = PeftLoRAView(mod, active[0])

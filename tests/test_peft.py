@@ -230,3 +230,14 @@ def test_peft_adapter_only_save_is_refused_and_a_checkpoint_resumes_exactly(tmp_
     model.merge_and_unload().save_pretrained(tmp_path / "merged")   # the road the refusals name
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(loaded(IDS).logits, y, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tied_head_adapted_by_peft_is_refused():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=4, vocab_size=64, tie_word_embeddings=True)
+    base = transformers.LlamaForCausalLM(cfg)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"PEFT layer '.*lm_head': its base weight shares memory with .*embed_tokens"):
+        ReLoRAOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, reset_every=1)
