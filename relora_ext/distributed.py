@@ -50,7 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import ops
+from . import _C, ops
 from ._checks import is_dtensor
 from .sst import SSTLinear
 
@@ -147,7 +147,8 @@ def fingerprint(opt) -> Dict[str, Any]:
 
     Keys: ``seed``, ``cycle``, ``steps_taken``, ``reset_every``, ``prune``, ``prune_ratio``, ``rounding``,
     ``prune_guard``, ``world_size``, ``layers`` (count) and ``layer[i]`` = ``(name, W shape, r, alpha,
-    init_std, dtype, placements)`` with global shapes (an FSDP2 shard reports the full shape).
+    init_std, dtype, placements)`` with global shapes (an FSDP2 shard reports the full shape), and for CPU
+    layers the instruction-set level of the kernels (the default level merges without FMA: 1-2 ulp apart).
     Example: ``fingerprint(opt)["seed"]``.
     """
     import torch.distributed as dist
@@ -159,6 +160,8 @@ def fingerprint(opt) -> Dict[str, Any]:
     }
     for i, (name, layer) in enumerate(opt.model_layers):
         w = layer.sigma if isinstance(layer, SSTLinear) else layer.weight
+        if w.device.type == "cpu":  # the CPU merge rounds differently without FMA (the default level)
+            fp["cpu kernels level"] = _C._cpu_capability()
         placements = tuple(str(p) for p in w.placements) if is_dtensor(w) else ()
         fp[f"layer[{i}]"] = (_canonical_name(name), type(layer).__name__, tuple(w.shape), int(layer.r),
                              getattr(layer, "alpha", None), getattr(layer, "init_std", None), str(w.dtype), placements)

@@ -197,6 +197,17 @@ def _mismatch_worker(rank, out_dir):
     model = build_model(exclude_modules=["down_proj"] if rank == 1 else None)
     opt = make_opt(model)
     msgs["layout"] = _expect_consistency_error(opt, model, rank, batches)
+    # 4. rank 1's kernels at the default level (no FMA: its merges round 1-2 ulp apart from rank 0's)
+    from relora_ext import _C_testing
+
+    levels = _C_testing.cpu_capabilities()
+    if len(levels) > 1:
+        if rank == 1:
+            _C_testing.set_cpu_capability("default")
+        model = build_model()
+        ddp = DDP(model)
+        msgs["level"] = _expect_consistency_error(make_opt(ddp), ddp, rank, batches)
+        _C_testing.set_cpu_capability(levels[-1])
     torch.save(msgs, os.path.join(out_dir, f"mismatch{rank}.pt"))
 
 
@@ -207,6 +218,8 @@ def test_rank_with_different_seed_or_layout_is_caught(tmp_path):
         assert "rank 1 has seed=1 but rank 0 has seed=0" in msgs["seed"]
         assert "rank 1 has layer[0]=" in msgs["alpha"] and "8.0" in msgs["alpha"]
         assert "rank 1 has layers=12 but rank 0 has layers=14" in msgs["layout"]
+        if "level" in msgs:
+            assert "rank 1 has cpu kernels level='default'" in msgs["level"]
         assert all("same seed" in m for m in msgs.values())
 
 
