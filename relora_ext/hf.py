@@ -26,7 +26,7 @@ from ._checks import check_int
 from .analysis import UpdateTracker, _effective_weight
 from .lora import LoRALinear
 from .model import hold_merged_saves, install_save_hook, lora_layers, merged_state_dict, remove_save_hook
-from .peft_layers import is_peft_lora_layer
+from .peft_layers import PeftLoRAView, is_peft_lora_layer
 
 __all__ = ["merged_state_dict", "save_pretrained", "install_save_hook", "remove_save_hook", "export_peft_adapter",
            "ReLoRACallback"]
@@ -253,6 +253,13 @@ class ReLoRACallback(_TrainerCallback):
         optimizer.register_cycle_hook(lambda opt, info: self.pending.append(info))
 
     def on_train_begin(self, args, state, control, **kwargs):
+        strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+        if strategy != "no" and any(isinstance(layer, PeftLoRAView) for _, layer in self.optimizer.model_layers):
+            raise ValueError(
+                f"ReLoRACallback: save_strategy={strategy!r} on a PEFT model cycled by ReLoRA*: the Trainer's "
+                "checkpoints call PeftModel.save_pretrained, whose adapter file lacks the base weights the cycles "
+                "merge into (refused at the first checkpoint, after that much training); pass "
+                "save_strategy='no' and save with relora_ext.save_checkpoint or merge_and_unload().save_pretrained")
         if state.max_steps and state.max_steps < self.optimizer.reset_every:
             warnings.warn(f"ReLoRACallback: max_steps={state.max_steps} < reset_every={self.optimizer.reset_every}: "
                           "no cycle will run, so this is plain LoRA training", stacklevel=2)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import relora_ext
 from relora_ext import CycleRefused, ReLoRAOptimizer, ops
 from relora_ext.cycle import CycleSettings, LocalLayer, reset_offset, run_cycle
 from relora_ext.peft_layers import PeftLoRAView, lora_views
@@ -241,3 +242,18 @@ def test_a_tied_head_adapted_by_peft_is_refused():
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match=r"PEFT layer '.*lm_head': its base weight shares memory with .*embed_tokens"):
         ReLoRAOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, reset_every=1)
+
+
+def test_trainer_checkpoints_of_a_cycled_peft_model_are_refused_before_training(tmp_path):
+    model = peft_llama()
+    opt = ReLoRAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, reset_every=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=3, report_to=[],
+                                          per_device_train_batch_size=2, use_cpu=True)
+    data = [{"input_ids": IDS[i], "labels": IDS[i]} for i in range(2)]
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None),
+                                   callbacks=[relora_ext.ReLoRACallback(opt)])
+    with pytest.raises(ValueError, match="save_strategy='no'"):
+        trainer.train()
+    assert opt.steps_taken == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
