@@ -75,14 +75,19 @@ static int check_writeable(PyArrayObject *a, const char *fn, const char *arg)
     return 1;
 }
 
-/* A Python int in [0, 2^64), as the kernels' uint64 seeds and offsets. */
+/* An integer in [0, 2^64) (a Python int or a NumPy integer scalar, not a bool), as the kernels' uint64 seeds
+ * and offsets. */
 static int parse_u64(PyObject *obj, const char *fn, const char *arg, uint64_t *out)
 {
-    if (!PyLong_Check(obj)) {
+    if (PyBool_Check(obj) || PyArray_IsScalar(obj, Bool) ||
+        !(PyLong_Check(obj) || PyArray_IsScalar(obj, Integer))) {
         PyErr_Format(PyExc_TypeError, "%s: %s must be an int, got %s", fn, arg, Py_TYPE(obj)->tp_name);
         return 0;
     }
-    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    PyObject *index = PyNumber_Index(obj);
+    if (index == NULL) return 0;
+    unsigned long long v = PyLong_AsUnsignedLongLong(index);
+    Py_DECREF(index);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
         PyErr_Format(PyExc_ValueError, "%s: %s must be in [0, 2**64), got %R", fn, arg, obj);
@@ -108,7 +113,9 @@ static int check_real(double v, double lo, double hi, const char *fn, const char
 /* A real number (int or float, not bool, as the torch wrappers accept) as a double. */
 static int parse_real(PyObject *obj, const char *fn, const char *arg, double *out)
 {
-    if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyLong_Check(obj))) {
+    if (PyBool_Check(obj) || PyArray_IsScalar(obj, Bool) ||
+        !(PyFloat_Check(obj) || PyLong_Check(obj) || PyArray_IsScalar(obj, Floating) ||
+          PyArray_IsScalar(obj, Integer))) {
         PyErr_Format(PyExc_TypeError, "%s: %s must be a real number, got %s", fn, arg, Py_TYPE(obj)->tp_name);
         return 0;
     }
@@ -177,7 +184,7 @@ static PyObject *raise_status(relora_status status, const char *fn)
     return NULL;
 }
 
-/* ---- merge_(W, A, B, scale, rounding="nearest", seed=0, nthreads=0) ---- */
+/* ---- merge_(W, A, B, scale, rounding="nearest", seed=None, nthreads=0) ---- */
 
 static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -235,6 +242,11 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     uint64_t seed = 0;
     if (seed_obj && seed_obj != Py_None && !parse_u64(seed_obj, "merge_", "seed", &seed)) return NULL;
+    if (mode == RELORA_ROUND_STOCHASTIC && (seed_obj == NULL || seed_obj == Py_None)) {
+        /* no generator here to draw one from: a fixed default would round every call the same way */
+        PyErr_SetString(PyExc_ValueError, "merge_: rounding='stochastic' needs a seed (a new one per call), got None");
+        return NULL;
+    }
     if (!check_real(scale, -FLT_MAX, FLT_MAX, "merge_", "scale") || !check_disjoint(W, A, "merge_", "W", "A") ||
         !check_disjoint(W, B, "merge_", "W", "B"))
         return NULL;
@@ -285,7 +297,7 @@ static PyObject *py_reset(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_RETURN_NONE;
 }
 
-/* ---- prune_(x, ratio, mode="magnitude", seed=0, offset=0, nthreads=0) -> kept ---- */
+/* ---- prune_(x, ratio, mode="magnitude", seed=None, offset=0, nthreads=0) -> kept ---- */
 
 static PyObject *py_prune(PyObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -316,6 +328,10 @@ static PyObject *py_prune(PyObject *self, PyObject *args, PyObject *kwargs)
         status = prune_magnitude(PyArray_DATA(x), dt, PyArray_SIZE(x), ratio, &kept, nthreads);
         Py_END_ALLOW_THREADS
     } else if (strcmp(mode, "random") == 0) {
+        if (seed_obj == NULL || seed_obj == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "prune_: mode='random' needs a seed, got None");
+            return NULL;
+        }
         Py_BEGIN_ALLOW_THREADS
         status = prune_random(PyArray_DATA(x), dt, PyArray_SIZE(x), ratio, seed, offset, &kept,
                               nthreads);
@@ -374,13 +390,13 @@ static PyObject *py_set_cpu_capability(PyObject *self, PyObject *arg)
 
 static PyMethodDef numpy_methods[] = {
     {"merge_", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS,
-     "merge_(W, A, B, scale, *, rounding='nearest', seed=0, nthreads=0)\n--\n\n"
+     "merge_(W, A, B, scale, *, rounding='nearest', seed=None, nthreads=0)\n--\n\n"
      "W (out, in) += scale * B (out, r) @ A (r, in), in place, one rounding per element."},
     {"reset_", (PyCFunction)(void (*)(void))py_reset, METH_VARARGS | METH_KEYWORDS,
      "reset_(A, B, std, seed, offset=0, nthreads=0)\n--\n\n"
      "B <- 0 and A <- std * N(0, 1) from the Philox stream (seed, offset), in place."},
     {"prune_", (PyCFunction)(void (*)(void))py_prune, METH_VARARGS | METH_KEYWORDS,
-     "prune_(x, ratio, *, mode='magnitude', seed=0, offset=0, nthreads=0)\n--\n\n"
+     "prune_(x, ratio, *, mode='magnitude', seed=None, offset=0, nthreads=0)\n--\n\n"
      "Zero all but n - floor(ratio * n) largest-|x| entries (or a random 1 - ratio share); "
      "returns the number kept."},
     {"cpu_capability", py_cpu_capability, METH_NOARGS,

@@ -233,3 +233,21 @@ def test_overlap_names_both_arrays():
     with pytest.raises(ValueError, match="reset_: B overlaps A in memory"):
         numpy_ops.reset_(a[:5], a[4:], 1.0, 0)
     assert (W == 1).all() and (a == 1).all()
+
+
+def test_numpy_scalars_are_taken_and_bools_and_missing_seeds_refused():
+    from relora_ext import numpy_ops
+
+    W = np.zeros((4, 3), np.float32)
+    A, B = np.ones((2, 3), np.float32), np.ones((4, 2), np.float32)
+    numpy_ops.merge_(W, A, B, np.float32(0.5))  # a NumPy scalar scale, as ops.merge_ takes
+    assert np.all(W == 1.0)
+    numpy_ops.reset_(A, B, np.float64(0.02), np.int64(3))
+    with pytest.raises(TypeError, match="seed must be an int, got bool"):
+        numpy_ops.reset_(A, B, 0.02, True)
+    with pytest.raises(ValueError, match="rounding='stochastic' needs a seed"):
+        numpy_ops.merge_(W, A, B, 0.5, rounding="stochastic")
+    before = W.copy()
+    with pytest.raises(ValueError, match="mode='random' needs a seed"):
+        numpy_ops.prune_(W, 0.5, mode="random")
+    assert np.array_equal(W, before)
