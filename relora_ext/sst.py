@@ -79,7 +79,12 @@ def sample_directions(sigma: torch.Tensor, r: int, *, seed: int, offset: int) ->
 @torch.no_grad()
 def renormalize_(layers) -> None:
     """:meth:`SSTLinear.renormalize_` of every layer in ``layers``, in one native call
-    (``torch.ops.relora.sst_renormalize_``, csrc/ops/sst_linear.cpp): what ReLoRAOptimizer runs after each step."""
+    (``torch.ops.relora.sst_renormalize_``, csrc/ops/sst_linear.cpp): what ReLoRAOptimizer runs after each step.
+    ``layers``: any iterable of :class:`SSTLinear` (a generator too)."""
+    layers = list(layers)
+    for i, m in enumerate(layers):
+        if not isinstance(m, SSTLinear):
+            raise TypeError(f"renormalize_: layers must hold SSTLinear modules, got {type(m).__name__} at index {i}")
     if layers:
         torch.ops.relora.sst_renormalize_([m.U_active for m in layers], [m.V_active for m in layers],
                                           [m.sigma for m in layers], [m.active for m in layers])

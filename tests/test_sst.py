@@ -619,3 +619,18 @@ def test_renormalize_does_not_overflow_on_large_columns():
     assert bool(torch.isfinite(layer.sigma).all())
     torch.testing.assert_close(layer.U_active.norm(dim=0), torch.ones(3))
     torch.testing.assert_close(layer(x), y0, rtol=1e-4, atol=1e-5)
+
+
+def test_renormalize_takes_any_iterable_and_names_a_foreign_module():
+    from relora_ext.sst import renormalize_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SSTLinear(6, 5, r=2), torch.nn.Tanh(), SSTLinear(5, 4, r=2))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.U_active.mul_(3.0)
+    renormalize_(m for m in model.modules() if isinstance(m, SSTLinear))  # a generator
+    for m in (model[0], model[2]):
+        torch.testing.assert_close(m.U_active.norm(dim=0), torch.ones(2))
+    with pytest.raises(TypeError, match="SSTLinear modules, got Tanh at index 1"):
+        renormalize_([model[0], model[1]])
