@@ -31,6 +31,8 @@ def read_levels(path="csrc/kernels/levels.txt"):
     with open(path) as f:
         for line in f:
             words = line.split("#", 1)[0].split()
+            if words[:1] == ["level"] and len(words) < 3:
+                raise SystemExit(f"{path}: a level line needs a name and an architecture, got {line.strip()!r}")
             if words[:1] == ["sources"]:
                 leveled = set(words[1:])
             elif words[:1] == ["level"] and words[2] in ("any", arch):

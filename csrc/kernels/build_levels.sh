@@ -6,8 +6,10 @@ set -e
 here=$(cd "$(dirname "$0")" && pwd)
 cc=$1; arch=$2; out=$3; shift 3
 case "$arch" in amd64) arch=x86_64 ;; esac
-sources=$(awk '$1 == "sources" { $1 = ""; print }' "$here/levels.txt")
-awk -v arch="$arch" '$1 == "level" && ($3 == "any" || $3 == arch) { $1 = ""; $3 = ""; print }' "$here/levels.txt" |
+# comments (from a '#' on) are dropped first, as setup.py drops them
+sources=$(awk '{ sub(/#.*/, "") } $1 == "sources" { $1 = ""; print }' "$here/levels.txt")
+awk -v arch="$arch" '{ sub(/#.*/, "") } $1 == "level" && ($3 == "any" || $3 == arch) { $1 = ""; $3 = ""; print }' \
+    "$here/levels.txt" |
 while read -r level flags; do
     for src in $sources; do
         o="$out/${src%.c}_$level.o"
