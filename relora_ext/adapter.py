@@ -26,8 +26,8 @@ ROUNDINGS = ("nearest", "stochastic")
 
 
 class CycledLayer(nn.Module):
-    """A layer a ReLoRA*/SST cycle works on. Subclasses set :attr:`cycled` and implement :meth:`check`
-    and :meth:`to_base`."""
+    """A layer a ReLoRA*/SST cycle works on. Subclasses set :attr:`cycled`, :attr:`trained` and
+    :attr:`shape_fields` and implement :meth:`check`, :meth:`to_base` and :meth:`base_state_dict`."""
 
     #: the parameters whose optimizer state a cycle prunes (ReLoRA*) or clears (SST)
     cycled: Tuple[str, ...] = ()
