@@ -157,6 +157,11 @@ class LowRankAdapter(CycledLayer):
                             "(convert the model, e.g. model.float())")
                 if t.device.type == "meta":
                     return f"{name} is on the meta device (no data to merge); materialise the model first"
+            if W is None:  # a quantized W is not materialised to be checked: the factors against its shape
+                want = {"lora_A": (self.r, self.in_features), "lora_B": (self.out_features, self.r)}
+                for name, shape in want.items():
+                    if tuple(getattr(self, name).shape) != shape:
+                        return f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}"
             with torch.no_grad():  # the factors require grad; the cycle writes them under no_grad
                 if W is not None:
                     ops.check_merge("the merge", W, A, B, self.scaling, self.merge_names)

@@ -30,10 +30,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import ops
 from ._checks import storage_key
 from .adapter import LowRankAdapter
-from .quantized import dequantize, is_quantized, requantize_
+from .quantized import dequantize, is_quantized, merge_into_
 
 __all__ = ["PeftLoRAView", "lora_views", "is_peft_lora_layer"]
 
@@ -127,21 +126,15 @@ class PeftLoRAView(LowRankAdapter):
         problem = _peft_problem(self.peft_layer, self.adapter)
         if problem is None and self.adapter not in self.peft_layer.active_adapters:
             problem = f"adapter {self.adapter!r} is no longer active; build the ReLoRAOptimizer again"
-        if problem is None and self.quantized:  # W is checked by no merge rule: its codes and factor shapes here
+        if problem is None and self.quantized:  # W is checked by no merge rule: are its codes there?
             problem = _quantized_problem(self.base_layer)
-            want = {"lora_A": (self.r, self.in_features), "lora_B": (self.out_features, self.r)}
-            for name, shape in want.items():
-                if problem is None and tuple(getattr(self, name).shape) != shape:
-                    problem = f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}"
         return problem or super().check()
 
     @torch.no_grad()
     def merge_(self, *, rounding: str = "nearest", seed: Optional[int] = None) -> None:
         if not self.quantized:
             return super().merge_(rounding=rounding, seed=seed)
-        W = dequantize(self.base_layer)  # float32; the requantization rounds to the grid whatever the rounding
-        ops.merge_(W, self.lora_A, self.lora_B, self.scaling, seed=0 if seed is None else seed)
-        requantize_(self.base_layer, W)
+        merge_into_(self.base_layer, self.lora_A, self.lora_B, self.scaling)
 
     def to_base(self) -> nn.Module:
         raise NotImplementedError("PeftLoRAView: use PEFT's model.merge_and_unload() to leave PEFT")

@@ -68,6 +68,15 @@ def requantize_(mod: nn.Module, W: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def merge_into_(mod: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    """``W += scale · B @ A`` on a quantized layer: dequantize, add in float32, quantize again (the rounding
+    of the float32 sum is moot: the quantization grid decides)."""
+    W = dequantize(mod)
+    ops.merge_(W, A, B, scale)
+    requantize_(mod, W)
+
+
+@torch.no_grad()
 def requantization_error(mod: nn.Module, delta: torch.Tensor) -> float:
     """How much of an update ``delta`` ``(out, in)`` survives a merge into ``mod``: returns
     ``‖Q(W + Δ) − W − Δ‖_F / ‖Δ‖_F`` (0: kept exactly; 1: as much error as the update itself), without
@@ -137,21 +146,9 @@ class QuantizedLoRALinear(LoRALinear):
         """``(None, lora_A, lora_B)``: ``W`` is dequantized only by the merge itself (see :meth:`merge_`)."""
         return None, self.lora_A, self.lora_B
 
-    def check(self) -> Optional[str]:
-        """:meth:`LowRankAdapter.check` on the factors, and their shapes against the quantized base."""
-        want = {"lora_A": (self.r, self.in_features), "lora_B": (self.out_features, self.r)}
-        for name, shape in want.items():
-            if tuple(getattr(self, name).shape) != shape:
-                return f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}"
-        return super().check()
-
-    @torch.no_grad()
     def merge_(self, *, rounding: str = "nearest", seed: Optional[int] = None) -> None:
-        """Dequantize ``W``, add ``s·B·A`` in float32, quantize again (the ``rounding`` of the float32 sum is
-        moot: the quantization grid decides)."""
-        W = dequantize(self.base)
-        ops.merge_(W, self.lora_A, self.lora_B, self.scaling, seed=0 if seed is None else seed)
-        requantize_(self.base, W)
+        """:func:`merge_into_` the base (``rounding`` is moot: the quantization grid decides)."""
+        merge_into_(self.base, self.lora_A, self.lora_B, self.scaling)
 
     @torch.no_grad()
     def to_base(self) -> nn.Module:
